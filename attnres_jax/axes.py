@@ -1,0 +1,15 @@
+"""Logical axis names that every parameter carries from creation.
+
+A later sharding layer maps these names onto mesh axes with logical-axis rules
+(MaxText style); the model code never names a mesh axis itself.
+"""
+
+LAYERS = "layers"  # leading axis of stacked (scanned) transformer-layer parameters
+VOCAB = "vocab"  # token vocabulary
+EMBED = "embed"  # model width d_model of weights and activations
+HEADS = "heads"  # query heads
+KV_HEADS = "kv_heads"  # key/value heads (grouped-query attention)
+HEAD_DIM = "kv"  # per-head channel width
+MLP = "mlp"  # hidden width of the SwiGLU MLP
+SUBLAYER = "sublayer"  # attention / MLP sublayer of one transformer layer
+DEPTH_EMBED = "depth_embed"  # channels of pseudo-queries and key gains (kept replicated)

@@ -1,0 +1,142 @@
+"""Decoder-only LM whose depth mixing is PreNorm, Full AttnRes or Block AttnRes.
+
+`attnres-spec.md` section 1: each transformer layer is two AttnRes sublayers
+(attention, then MLP), each keeping its own pre-norm. Layer parameters are
+stacked along a leading `layers` axis and run by a scan (`residuals/`); the
+pseudo-queries live in `DepthQueries`, zero-initialised (section 2), with the
+output query applied before the final norm (section 5).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from attnres_jax import axes
+from attnres_jax.model.config_checks import check_model_config
+from attnres_jax.model.layers import Attention, RMSNorm, SwiGLU, logical_param, normal_param, rope_tables
+from attnres_jax.residuals.depth_loop import attnres_loop, output_mix
+from attnres_jax.residuals.prenorm import prenorm_loop
+from attnres_jax.residuals.schedule import BlockSchedule
+
+Array = jax.Array
+SUBLAYERS_PER_LAYER = 2  # attention, MLP
+
+
+class TransformerLayer(nnx.Module):
+  """One attention sublayer and one MLP sublayer, each with its own pre-norm."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    out_std = config.init_std / (2 * config.num_layers) ** 0.5
+    dims = dict(init_std=config.init_std, out_std=out_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.attention_norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=param_dtype)
+    self.attention = Attention(config.d_model, config.num_heads, config.num_kv_heads, **dims)
+    self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=param_dtype)
+    self.mlp = SwiGLU(config.d_model, config.d_ff, **dims)
+
+  def attention_sublayer(self, rope: tuple[Array, Array], h_BxTxD: Array) -> Array:
+    return self.attention(self.attention_norm(h_BxTxD), rope)
+
+  def mlp_sublayer(self, h_BxTxD: Array) -> Array:
+    return self.mlp(self.mlp_norm(h_BxTxD))
+
+
+def _attention_sublayer(graphdef, params, rope, h_BxTxD):
+  return nnx.merge(graphdef, params).attention_sublayer(rope, h_BxTxD)
+
+
+def _mlp_sublayer(graphdef, params, rope, h_BxTxD):
+  del rope
+  return nnx.merge(graphdef, params).mlp_sublayer(h_BxTxD)
+
+
+class DepthQueries(nnx.Module):
+  """Pseudo-queries `w_l` and key-norm gains `g_l` of every sublayer, and of the output.
+
+  Queries start at zero (spec section 2), so training starts from the uniform
+  average of the sources; gains start at one and can be dropped
+  (`key_norm_gain=False`: a weightless key norm).
+  """
+
+  def __init__(self, num_layers: int, d_model: int, *, key_norm_gain: bool, param_dtype):
+    shape = (num_layers, SUBLAYERS_PER_LAYER, d_model)
+    names = (axes.LAYERS, axes.SUBLAYER, axes.DEPTH_EMBED)
+    self.pseudo_query = logical_param(jnp.zeros(shape, param_dtype), names)
+    self.output_query = logical_param(jnp.zeros((d_model,), param_dtype), (axes.DEPTH_EMBED,))
+    self.key_gain = logical_param(jnp.ones(shape, param_dtype), names) if key_norm_gain else None
+    self.output_key_gain = (logical_param(jnp.ones((d_model,), param_dtype), (axes.DEPTH_EMBED,))
+                            if key_norm_gain else None)
+
+  def gains(self) -> tuple[Array, Array]:
+    """(sublayer gains `[L_b, 2, d]`, output gain `[d]`); ones for a weightless norm."""
+    if self.key_gain is None:
+      return jnp.ones_like(self.pseudo_query[...]), jnp.ones_like(self.output_query[...])
+    return self.key_gain[...], self.output_key_gain[...]
+
+
+class Transformer(nnx.Module):
+  """Decoder-only LM built from `config.model` (see `configs/base.py` for the fields)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    check_model_config(config)
+    self.residual = config.residual
+    self.num_layers = config.num_layers
+    self.block_size = config.block_size if config.residual == "block" else 1
+    self.head_dim = config.d_model // config.num_heads
+    self.rope_theta = config.rope_theta
+    self.norm_eps = config.norm_eps
+    self.remat = config.remat
+    self.dtype = jnp.dtype(config.dtype)
+    param_dtype = jnp.dtype(config.param_dtype)
+    self.embedding = normal_param(rngs, (config.vocab_size, config.d_model), config.embed_init_std,
+                                  (axes.VOCAB, axes.EMBED), param_dtype)
+
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: axes.LAYERS})
+    def make_layers(rngs: nnx.Rngs) -> TransformerLayer:
+      return TransformerLayer(config, rngs=rngs)
+
+    self.layers = make_layers(rngs)
+    self.depth = (None if config.residual == "prenorm" else DepthQueries(
+        config.num_layers, config.d_model, key_norm_gain=config.key_norm_gain, param_dtype=param_dtype))
+    self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=param_dtype)
+    self.head = (None if config.tie_embeddings else normal_param(
+        rngs, (config.d_model, config.vocab_size), config.init_std, (axes.EMBED, axes.VOCAB), param_dtype))
+
+  @property
+  def num_sublayers(self) -> int:
+    return SUBLAYERS_PER_LAYER * self.num_layers
+
+  def schedule(self) -> BlockSchedule:
+    return BlockSchedule(self.num_layers, SUBLAYERS_PER_LAYER, self.block_size)
+
+  def __call__(self, tokens_BxT: Array, *, return_stats: bool = False):
+    """Logits `[B, T, vocab]` in float32 (or wider); with `return_stats`, also a dict of
+
+    per-sublayer `input_rms`, `output_rms` `[L]` and, for AttnRes, the
+    token-averaged `depth_weights` `[L, N + 1]` over (b_0..b_{N-1}, partial)
+    and `output_depth_weights` `[N + 1]`.
+    """
+    x_BxTxD = jnp.take(self.embedding[...], tokens_BxT, axis=0).astype(self.dtype)
+    rope = rope_tables(jnp.arange(tokens_BxT.shape[1]), self.head_dim, self.rope_theta)
+    graphdef, layer_params = nnx.split(self.layers)
+    sublayers = (functools.partial(_attention_sublayer, graphdef), functools.partial(_mlp_sublayer, graphdef))
+    if self.depth is None:
+      h_BxTxD, stats = prenorm_loop(sublayers, layer_params, rope, x_BxTxD, remat=self.remat,
+                                    collect_stats=return_stats)
+    else:
+      gains, output_gain = self.depth.gains()
+      state, stats = attnres_loop(sublayers, self.schedule(), self.remat, self.norm_eps, return_stats,
+                                  layer_params, self.depth.pseudo_query[...], gains, x_BxTxD, rope)
+      h_BxTxD, output_weights = output_mix(state, self.depth.output_query[...], output_gain,
+                                           self.norm_eps, with_weights=return_stats)
+      if return_stats:
+        stats["output_depth_weights"] = output_weights
+    h_BxTxD = self.final_norm(h_BxTxD)
+    head_DxV = self.embedding[...].T if self.head is None else self.head[...]
+    logits_BxTxV = jnp.einsum("btd,dv->btv", h_BxTxD, head_DxV.astype(self.dtype),
+                              preferred_element_type=jnp.promote_types(self.dtype, jnp.float32))
+    return (logits_BxTxV, stats) if return_stats else logits_BxTxV

@@ -1,0 +1,38 @@
+"""The PreNorm baseline depth loop: `h <- h + f_l(h)`, scanned over stacked layers."""
+
+import jax
+
+from attnres_jax.residuals.remat import checkpointed
+from attnres_jax.residuals.types import Array, PyTree, SublayerFn, rms
+
+
+def prenorm_loop(
+    sublayers: tuple[SublayerFn, ...],
+    layer_params: PyTree,
+    consts: PyTree,
+    embedding_BxTxD: Array,
+    *,
+    remat: str,
+    collect_stats: bool = False,
+) -> tuple[Array, dict[str, Array]]:
+  """Runs every layer's sublayers on one residual stream.
+
+  Returns the final stream and, if `collect_stats`, the RMS of every sublayer's
+  input and output (`input_rms`, `output_rms`, each `[L]` in sublayer order).
+  """
+
+  def layer(h_BxTxD, params):
+    stats = []
+    for sublayer in sublayers:
+      out_BxTxD = sublayer(params, consts, h_BxTxD)
+      if collect_stats:
+        stats.append((rms(h_BxTxD), rms(out_BxTxD)))
+      h_BxTxD = h_BxTxD + out_BxTxD
+    return h_BxTxD, stats
+
+  h_BxTxD, stats = jax.lax.scan(checkpointed(layer, remat), embedding_BxTxD, layer_params)
+  if not collect_stats:
+    return h_BxTxD, {}
+  input_rms, output_rms = zip(*stats)
+  stack = lambda xs: jax.numpy.stack(xs, axis=1).reshape(-1)
+  return h_BxTxD, {"input_rms": stack(input_rms), "output_rms": stack(output_rms)}

@@ -1,0 +1,1 @@
+"""Losses, and (later) the training loop."""

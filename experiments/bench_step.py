@@ -1,0 +1,84 @@
+"""Step time, compile time and compiled temp memory of PreNorm, Full and Block AttnRes.
+
+Each row is one fwd+bwd step (`value_and_grad` of the next-token loss, remat as
+configured) at one depth and width; ratios are against `prenorm` at the same
+depth and width, measured in the same run. Memory is XLA's compiled temp
+allocation (`memory_analysis().temp_size_in_bytes`), which excludes
+parameters, inputs and outputs.
+
+  python experiments/bench_step.py --sublayers=8,16,32 --d_models=256,512
+"""
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attnres_jax import Transformer
+from attnres_jax.train.loss import next_token_loss
+from configs import base
+
+
+def model_config(residual: str, num_sublayers: int, d_model: int, num_blocks: int, remat: str):
+  config = base.get_config().model
+  config.update(dict(
+      residual=residual, num_layers=num_sublayers // 2, d_model=d_model, num_heads=d_model // 64,
+      num_kv_heads=d_model // 64, d_ff=-(-8 * d_model // 3 // 64) * 64, remat=remat,
+      block_size=max(1, num_sublayers // num_blocks)))
+  return config
+
+
+def measure(config, batch: int, seq_len: int, steps: int) -> dict:
+  graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
+  tokens = jax.random.randint(jax.random.key(1), (batch, seq_len + 1), 0, config.vocab_size)
+  loss = lambda p, t: next_token_loss(nnx.merge(graphdef, p), t)
+  start = time.perf_counter()
+  compiled = jax.jit(jax.value_and_grad(loss)).lower(params, tokens).compile()
+  compile_s = time.perf_counter() - start
+  times = []
+  for _ in range(steps + 1):  # the first call is a warm-up
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(params, tokens))
+    times.append(time.perf_counter() - start)
+  return dict(step_s=statistics.median(times[1:]), compile_s=compile_s,
+              temp_mib=compiled.memory_analysis().temp_size_in_bytes / 2**20)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--sublayers", default="8,16,32", help="comma-separated sublayer counts L")
+  parser.add_argument("--d_models", default="256,512")
+  parser.add_argument("--residuals", default="prenorm,full,block")
+  parser.add_argument("--num_blocks", type=int, default=8, help="Block AttnRes N; S = L // N")
+  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--seq_len", type=int, default=128)
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--remat", default="full", choices=["none", "full", "save_dots"])
+  args = parser.parse_args()
+  residuals = args.residuals.split(",")
+  if residuals[0] != "prenorm":
+    raise SystemExit("--residuals must start with prenorm (the baseline of the ratios)")
+  print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, batch {args.batch}, seq_len {args.seq_len}, "
+        f"remat {args.remat}, Block N = {args.num_blocks}")
+  header = "| L | d | residual | S | step ms | x base | compile s | x base | temp MiB | x base |"
+  print(header)
+  print("|" + "---|" * (header.count("|") - 1))
+  for num_sublayers in map(int, args.sublayers.split(",")):
+    for d_model in map(int, args.d_models.split(",")):
+      baseline = None
+      for residual in residuals:
+        config = model_config(residual, num_sublayers, d_model, args.num_blocks, args.remat)
+        result = measure(config, args.batch, args.seq_len, args.steps)
+        baseline = baseline or result
+        block_size = {"prenorm": "-", "full": "1"}.get(residual, str(config.block_size))
+        print(f"| {num_sublayers} | {d_model} | {residual} | {block_size} "
+              f"| {1e3 * result['step_s']:.1f} | {result['step_s'] / baseline['step_s']:.2f} "
+              f"| {result['compile_s']:.1f} | {result['compile_s'] / baseline['compile_s']:.2f} "
+              f"| {result['temp_mib']:.1f} | {result['temp_mib'] / baseline['temp_mib']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,42 @@
+"""Tiny models and inputs shared by the tests."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attnres_jax import Transformer
+from configs import base
+
+VOCAB = 64
+
+
+def tiny_config(residual: str = "block", **overrides):
+  config = base.get_config().model
+  config.update(dict(vocab_size=VOCAB, num_layers=3, d_model=32, num_heads=4, num_kv_heads=2,
+                     d_ff=48, residual=residual, block_size=2))
+  config.update(overrides)
+  return config
+
+
+def make_model(residual: str = "block", seed: int = 0, random_queries: bool = True, query_scale: float = 1.0,
+               **overrides):
+  """A tiny model; by default with random pseudo-queries and gains (not the zero init)."""
+  model = Transformer(tiny_config(residual, **overrides), rngs=nnx.Rngs(seed))
+  if random_queries and model.depth is not None:
+    keys = iter(jax.random.split(jax.random.key(seed + 100), 4))
+    for name, center in (("pseudo_query", 0.0), ("output_query", 0.0),
+                         ("key_gain", 1.0), ("output_key_gain", 1.0)):
+      variable = getattr(model.depth, name)
+      if variable is not None:
+        value = variable[...]
+        variable[...] = center + query_scale * jax.random.normal(next(keys), value.shape, value.dtype)
+  return model
+
+
+def random_tokens(batch: int = 2, length: int = 8, seed: int = 1):
+  return jax.random.randint(jax.random.key(seed), (batch, length), 0, VOCAB)
+
+
+def max_rel_error(a, b):
+  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+  return float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))

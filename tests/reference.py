@@ -1,0 +1,76 @@
+"""An independent, literal implementation of the spec, for tests only.
+
+Python lists of sources, one `depth_attention` call per sublayer, the state
+update of `attnres-spec.md` section 4 written exactly as the spec states it.
+It shares the model's parameters and sublayer functions, not its depth loop.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attnres_jax import depth_attention
+from attnres_jax.model.layers import rope_tables
+
+
+def layer_at(model, j):
+  graphdef, params = nnx.split(model.layers)
+  return nnx.merge(graphdef, jax.tree.map(lambda p: p[j], params))
+
+
+def reference_logits(model, tokens_BxT, record_sources=None):
+  """Logits of `model` with its depth loop replaced by the literal spec.
+
+  If `record_sources` is a list, the list of source values each sublayer
+  attends to is appended to it (then the output query's).
+  """
+  x = jnp.take(model.embedding[...], tokens_BxT, axis=0).astype(model.dtype)
+  rope = rope_tables(jnp.arange(tokens_BxT.shape[1]), model.head_dim, model.rope_theta)
+
+  def sublayer(l, h):
+    layer = layer_at(model, l // 2)
+    return layer.attention_sublayer(rope, h) if l % 2 == 0 else layer.mlp_sublayer(h)
+
+  if model.depth is None:
+    h = x
+    for l in range(model.num_sublayers):
+      h = h + sublayer(l, h)
+  else:
+    eps = model.norm_eps
+    gains, output_gain = model.depth.gains()
+    blocks, partial = [], x
+    for l in range(model.num_sublayers):
+      sources = blocks + [partial]  # spec: mix first, then seal at a block start
+      query, gain = model.depth.pseudo_query[...][l // 2, l % 2], gains[l // 2, l % 2]
+      h = depth_attention(jnp.stack(sources), query, gain, eps)
+      if l % model.block_size == 0:
+        blocks.append(partial)
+        partial = jnp.zeros_like(partial)
+      if record_sources is not None:
+        record_sources.append(sources)
+      partial = partial + sublayer(l, h)
+    sources = blocks + [partial]
+    if record_sources is not None:
+      record_sources.append(sources)
+    h = depth_attention(jnp.stack(sources), model.depth.output_query[...], output_gain, eps)
+  h = model.final_norm(h)
+  head = model.embedding[...].T if model.head is None else model.head[...]
+  return jnp.einsum("btd,dv->btv", h, head.astype(model.dtype),
+                    preferred_element_type=jnp.promote_types(model.dtype, jnp.float32))
+
+
+def full_reference_logits(model, tokens_BxT):
+  """Full AttnRes literally (spec section 3): sublayer l attends to v_0 .. v_{l-1}."""
+  x = jnp.take(model.embedding[...], tokens_BxT, axis=0).astype(model.dtype)
+  rope = rope_tables(jnp.arange(tokens_BxT.shape[1]), model.head_dim, model.rope_theta)
+  gains, output_gain = model.depth.gains()
+  values = [x]
+  for l in range(model.num_sublayers):
+    query, gain = model.depth.pseudo_query[...][l // 2, l % 2], gains[l // 2, l % 2]
+    h = depth_attention(jnp.stack(values), query, gain, model.norm_eps)
+    layer = layer_at(model, l // 2)
+    values.append(layer.attention_sublayer(rope, h) if l % 2 == 0 else layer.mlp_sublayer(h))
+  h = depth_attention(jnp.stack(values), model.depth.output_query[...], output_gain, model.norm_eps)
+  head = model.embedding[...].T if model.head is None else model.head[...]
+  return jnp.einsum("btd,dv->btv", model.final_norm(h), head.astype(model.dtype),
+                    preferred_element_type=jnp.promote_types(model.dtype, jnp.float32))

@@ -1,0 +1,33 @@
+"""Each invalid model config fails at construction with one ValueError naming the field."""
+
+import pytest
+from flax import nnx
+
+from attnres_jax import Transformer
+from helpers import tiny_config
+
+CASES = [
+    (dict(residual="dense"), "residual"),
+    (dict(residual="block", block_size=0), "block_size"),
+    (dict(residual="block", block_size=7), "block_size"),  # 3 layers = 6 sublayers
+    (dict(d_model=30), "d_model"),  # not divisible by 4 heads
+    (dict(d_model=12, num_heads=4, num_kv_heads=1), "d_model"),  # odd head dim: no RoPE
+    (dict(num_kv_heads=3), "num_kv_heads"),
+    (dict(num_layers=0), "num_layers"),
+    (dict(vocab_size=-1), "vocab_size"),
+    (dict(dtype="float16"), "dtype"),
+    (dict(param_dtype="int8"), "param_dtype"),
+    (dict(remat="everything"), "remat"),
+    (dict(norm_eps=0.0), "norm_eps"),
+    (dict(init_std=-1.0), "init_std"),
+]
+
+
+@pytest.mark.parametrize("overrides,field", CASES, ids=[field for _, field in CASES])
+def test_invalid_config_names_the_field(overrides, field):
+  with pytest.raises(ValueError, match=rf"config\.model\.{field}="):
+    Transformer(tiny_config(**overrides), rngs=nnx.Rngs(0))
+
+
+def test_block_size_is_ignored_unless_block():
+  Transformer(tiny_config("full", block_size=0), rngs=nnx.Rngs(0))
