@@ -16,8 +16,14 @@ plain scan would save it once per layer, O(L N d). Instead the whole scan has a
 - backward: a reverse scan that re-reads the final buffer (every slot a layer
   read was final when it was read; later slots are masked), replays the layer
   and carries the buffer's cotangent.
-Seals write slot `l // S` in place (a non-sealing sublayer rewrites the slot's
-own value), so the buffer is never copied.
+A sublayer's input is the softmax over the slots sealed before it, merged by
+log-sum-exp with the partial sum entering it (at a block start, the block being
+sealed): the spec's "mix, then seal" order. So the backward replay only reads
+the loop-invariant final buffer; a replay that wrote the seal into it would copy
+the buffer every step (measured at 32 sublayers, BTd = 1 MiB: temp memory 1.55x
+-> 1.25x the baseline for Block N=8, 3.7x -> 2.1x for Full). The forward seal
+writes slot `l // S` of its own carry in place (a non-sealing sublayer rewrites
+the slot's value).
 
 Remat policy (`remat.py`): `full` replays each layer in the backward pass from
 the stored partial; `none` and `save_dots` instead keep each sublayer's VJP
@@ -34,7 +40,7 @@ import jax.numpy as jnp
 from attnres_jax.residuals.depth_attention import attend, compute_dtype, inverse_rms, merge_source
 from attnres_jax.residuals.remat import checkpointed
 from attnres_jax.residuals.schedule import BlockSchedule
-from attnres_jax.residuals.types import Array, PyTree, SublayerFn, rms
+from attnres_jax.residuals.types import Array, PyTree, SublayerFn, rms, stack_sublayers
 
 
 class DepthState(NamedTuple):
@@ -182,10 +188,9 @@ def _forward(sublayers, schedule, remat, eps, collect_stats, save_residuals,
 
 
 def _flatten_stats(stats) -> dict[str, Array]:
-  """Per-sublayer statistics, [num_layers, K, ...] stacked into [L, ...] in sublayer order."""
   input_rms, output_rms, weights = zip(*stats)
-  stack = lambda xs: jnp.stack(xs, axis=1).reshape((-1,) + xs[0].shape[1:])
-  return {"input_rms": stack(input_rms), "output_rms": stack(output_rms), "depth_weights": stack(weights)}
+  return {"input_rms": stack_sublayers(input_rms), "output_rms": stack_sublayers(output_rms),
+          "depth_weights": stack_sublayers(weights)}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))

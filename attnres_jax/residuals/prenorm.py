@@ -3,7 +3,7 @@
 import jax
 
 from attnres_jax.residuals.remat import checkpointed
-from attnres_jax.residuals.types import Array, PyTree, SublayerFn, rms
+from attnres_jax.residuals.types import Array, PyTree, SublayerFn, rms, stack_sublayers
 
 
 def prenorm_loop(
@@ -34,5 +34,4 @@ def prenorm_loop(
   if not collect_stats:
     return h_BxTxD, {}
   input_rms, output_rms = zip(*stats)
-  stack = lambda xs: jax.numpy.stack(xs, axis=1).reshape(-1)
-  return h_BxTxD, {"input_rms": stack(input_rms), "output_rms": stack(output_rms)}
+  return h_BxTxD, {"input_rms": stack_sublayers(input_rms), "output_rms": stack_sublayers(output_rms)}

@@ -17,3 +17,8 @@ SublayerFn = Callable[[PyTree, PyTree, Array], Array]
 def rms(x: Array) -> Array:
   """Root mean square over all elements, in float32 (for the analysis statistics)."""
   return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
+
+
+def stack_sublayers(per_sublayer: tuple[Array, ...]) -> Array:
+  """K scanned statistics `[num_layers, ...]` (one per sublayer kind) -> `[L, ...]` in sublayer order."""
+  return jnp.stack(per_sublayer, axis=1).reshape((-1,) + per_sublayer[0].shape[1:])
