@@ -18,6 +18,10 @@ setup(
         "grain>=0.2.18",
         "ml-collections>=1.1.0",
         "numpy>=1.26",
+        "absl-py>=2.1",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
+        "tqdm>=4.66",
     ],
     extras_require={
         "dev": ["pytest>=8"],

@@ -15,7 +15,7 @@ import ml_collections
 from flax import nnx
 
 from attnres_jax import axes
-from attnres_jax.model.config_checks import check_model_config
+from attnres_jax.config_checks import check_model_config
 from attnres_jax.model.layers import Attention, RMSNorm, SwiGLU, logical_param, normal_param, rope_tables
 from attnres_jax.residuals.depth_loop import attnres_loop, output_mix
 from attnres_jax.residuals.prenorm import prenorm_loop

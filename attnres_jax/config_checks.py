@@ -1,0 +1,79 @@
+"""Config validation before anything is built: one clear ValueError naming the bad field."""
+
+from collections.abc import Mapping
+from typing import Any
+
+from attnres_jax.data.sources import SOURCES
+from attnres_jax.residuals.remat import REMAT_POLICIES
+from attnres_jax.train.optim import SCHEDULES
+
+RESIDUALS = ("prenorm", "full", "block")
+DTYPES = ("float32", "bfloat16", "float64")  # float64 needs jax_enable_x64 (gradient checks)
+
+
+def _fail(field: str, value: Any, requirement: str, section: str = "model"):
+  raise ValueError(f"config.{section}.{field}={value!r}: {requirement}")
+
+
+def _check_positive_ints(section: str, fields: Mapping[str, Any], names: tuple[str, ...]) -> None:
+  for field in names:
+    value = fields[field]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      _fail(field, value, "must be a positive integer", section)
+
+
+def check_model_config(model: Mapping[str, Any]) -> None:
+  """Raises ValueError for the first invalid field of a model config."""
+  _check_positive_ints("model", model, ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "d_ff"))
+  if model["residual"] not in RESIDUALS:
+    _fail("residual", model["residual"], f"must be one of {RESIDUALS}")
+  num_sublayers = 2 * model["num_layers"]
+  if model["residual"] == "block":
+    block_size = model["block_size"]
+    if not isinstance(block_size, int) or not 1 <= block_size <= num_sublayers:
+      _fail("block_size", block_size,
+            f"must be an integer in [1, {num_sublayers}] (sublayers = 2 * num_layers)")
+  if model["d_model"] % model["num_heads"]:
+    _fail("d_model", model["d_model"], f"must be divisible by num_heads={model['num_heads']}")
+  if (model["d_model"] // model["num_heads"]) % 2:
+    _fail("d_model", model["d_model"], "d_model / num_heads must be even for RoPE")
+  if model["num_heads"] % model["num_kv_heads"]:
+    _fail("num_kv_heads", model["num_kv_heads"],
+          f"must divide num_heads={model['num_heads']}")
+  for field in ("dtype", "param_dtype"):
+    if model[field] not in DTYPES:
+      _fail(field, model[field], f"must be one of {DTYPES}")
+  if model["remat"] not in REMAT_POLICIES:
+    _fail("remat", model["remat"], f"must be one of {REMAT_POLICIES}")
+  for field in ("norm_eps", "init_std", "embed_init_std", "rope_theta"):
+    if not model[field] > 0:
+      _fail(field, model[field], "must be > 0")
+
+
+def check_run_config(config: Mapping[str, Any], process_count: int = 1) -> None:
+  """Checks `config.model`, `config.data`, `config.optim` and `config.train` of a training run."""
+  check_model_config(config["model"])
+  data, optim, train = config["data"], config["optim"], config["train"]
+  if data["source"] not in SOURCES:
+    _fail("source", data["source"], f"must be one of {SOURCES}", "data")
+  _check_positive_ints("data", data, ("seq_len", "global_batch_size"))
+  if not 0 < data["val_fraction"] < 1:
+    _fail("val_fraction", data["val_fraction"], "must be in (0, 1)", "data")
+  _check_positive_ints("optim", optim, ("grad_accum_steps",))
+  if data["global_batch_size"] % (process_count * optim["grad_accum_steps"]):
+    _fail("global_batch_size", data["global_batch_size"],
+          f"must be divisible by processes x config.optim.grad_accum_steps = {process_count} x "
+          f"{optim['grad_accum_steps']}", "data")
+  if optim["schedule"] not in SCHEDULES:
+    _fail("schedule", optim["schedule"], f"must be one of {SCHEDULES}", "optim")
+  for field in ("peak_lr", "eps"):
+    if not optim[field] > 0:
+      _fail(field, optim[field], "must be > 0", "optim")
+  for field in ("b1", "b2", "min_lr_ratio", "wsd_decay_fraction"):
+    if not 0 <= optim[field] <= 1:
+      _fail(field, optim[field], "must be in [0, 1]", "optim")
+  for field in ("weight_decay", "grad_clip_norm", "warmup_steps"):
+    if optim[field] < 0:
+      _fail(field, optim[field], "must be >= 0", "optim")
+  _check_positive_ints("train", train, ("num_steps", "log_every", "eval_every", "eval_batches",
+                                        "checkpoint_every", "max_to_keep"))

@@ -1,0 +1,202 @@
+"""Pre-tokenised corpora on disk ("token files"): writing them atomically, opening them checked.
+
+Format: a directory holding
+
+- `train.bin`, `val.bin`: the token ids of each split, one flat array of
+  little-endian unsigned integers (`uint16` or `uint32`), no header. Documents
+  are simply concatenated (a tokenizer may put its own separator token in
+  between); training windows may cross document boundaries.
+- `metadata.json`: a JSON object with at least
+  - `vocab_size` (int): every token id is `< vocab_size`,
+  - `dtype` (`"uint16"` or `"uint32"`): the element type of both `.bin` files,
+  - `num_tokens` (`{"train": int, "val": int}`): file size / dtype size,
+  and optionally any other fields. `TokenFileWriter` also writes
+  - `sha256` (`{"train": hex, "val": hex}`): digest of each `.bin` file's bytes
+    (`sha256sum train.bin` gives the same),
+  - `provenance` (object): free-form description of where the tokens came from.
+
+Any tokenizer can produce this format (`write_token_files` takes numpy arrays);
+`prepare_data.py` makes it from a directory of text files, byte-level. The
+writer builds the directory under a temporary name next to the target and
+renames it into place when complete, so a killed write never leaves a
+half-written directory at the target path. `open_token_files` memory-maps the
+splits and checks them against the metadata and the model's vocabulary.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+
+SPLITS = ("train", "val")
+DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+METADATA = "metadata.json"
+
+
+class TokenSplits(NamedTuple):
+  """The token ids of both splits (read-only memmaps, 1-D) and the directory's metadata."""
+
+  train: np.ndarray
+  val: np.ndarray
+  metadata: dict[str, Any]
+
+
+def dtype_for_vocab(vocab_size: int) -> str:
+  """The smallest on-disk dtype name that holds every id below `vocab_size`."""
+  if not 0 < vocab_size <= 2**32:
+    raise ValueError(f"vocab_size={vocab_size}: must be in [1, 2**32]")
+  return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def split_file(directory: str, split: str) -> str:
+  return os.path.join(directory, f"{split}.bin")
+
+
+class TokenFileWriter:
+  """Streams token chunks into a new token-files directory; `commit` publishes it.
+
+  Use as a context manager: leaving the block without `commit` (an exception)
+  deletes the temporary directory and leaves the target untouched. An existing
+  token-files directory at the target is replaced on commit; any other
+  non-empty directory there is refused.
+  """
+
+  def __init__(self, directory: str, *, vocab_size: int):
+    self.directory = os.path.abspath(os.path.expanduser(directory))
+    self.vocab_size = vocab_size
+    self.dtype = dtype_for_vocab(vocab_size)
+    self._temp_dir: str | None = None
+    self._files: dict[str, Any] = {}
+    self._hashes = {split: hashlib.sha256() for split in SPLITS}
+    self._num_tokens = dict.fromkeys(SPLITS, 0)
+
+  def __enter__(self) -> "TokenFileWriter":
+    if os.path.isdir(self.directory) and os.listdir(self.directory) and not os.path.isfile(
+        os.path.join(self.directory, METADATA)):
+      raise FileExistsError(f"{self.directory} exists and is not a token-files directory "
+                            f"(no {METADATA}); refusing to replace it")
+    parent, name = os.path.split(self.directory)
+    os.makedirs(parent, exist_ok=True)
+    self._temp_dir = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    self._files = {split: open(split_file(self._temp_dir, split), "wb") for split in SPLITS}
+    return self
+
+  def write(self, split: str, tokens: np.ndarray) -> None:
+    """Appends a 1-D array of non-negative integer token ids to `split`."""
+    if split not in SPLITS:
+      raise ValueError(f"split={split!r}: must be one of {SPLITS}")
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+      raise ValueError(f"tokens must be a 1-D integer array, got {tokens.dtype} of shape {tokens.shape}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+      raise ValueError(f"token ids must be in [0, {self.vocab_size}), got [{tokens.min()}, {tokens.max()}]")
+    data = tokens.astype(DTYPES[self.dtype]).tobytes()
+    self._files[split].write(data)
+    self._hashes[split].update(data)
+    self._num_tokens[split] += tokens.size
+
+  def commit(self, provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """Writes `metadata.json`, moves the directory into place and returns the metadata."""
+    for file in self._files.values():
+      file.flush()
+      os.fsync(file.fileno())
+      file.close()
+    metadata = {
+        "vocab_size": self.vocab_size,
+        "dtype": self.dtype,
+        "num_tokens": dict(self._num_tokens),
+        "sha256": {split: digest.hexdigest() for split, digest in self._hashes.items()},
+        "provenance": dict(provenance),
+    }
+    with open(os.path.join(self._temp_dir, METADATA), "w", encoding="utf-8") as file:
+      json.dump(metadata, file, indent=2)
+      file.write("\n")
+    os.chmod(self._temp_dir, 0o755)  # mkdtemp's 0o700 would hide a shared cache from other users
+    old = f"{self._temp_dir}.old"
+    if os.path.isdir(self.directory):
+      os.replace(self.directory, old)
+    os.replace(self._temp_dir, self.directory)
+    self._temp_dir = None
+    shutil.rmtree(old, ignore_errors=True)
+    return metadata
+
+  def __exit__(self, *exc_info) -> None:
+    for file in self._files.values():
+      file.close()
+    if self._temp_dir is not None:
+      shutil.rmtree(self._temp_dir, ignore_errors=True)
+
+
+def write_token_files(directory: str, train: np.ndarray, val: np.ndarray, *, vocab_size: int,
+                      provenance: Mapping[str, Any]) -> dict[str, Any]:
+  """Writes both splits as a token-files directory (atomically); returns its metadata."""
+  with TokenFileWriter(directory, vocab_size=vocab_size) as writer:
+    writer.write("train", train)
+    writer.write("val", val)
+    return writer.commit(provenance)
+
+
+def read_metadata(directory: str) -> dict[str, Any] | None:
+  """The parsed `metadata.json` of `directory`, or None if it is missing or unreadable."""
+  try:
+    with open(os.path.join(directory, METADATA), encoding="utf-8") as file:
+      metadata = json.load(file)
+  except (OSError, ValueError):
+    return None
+  return metadata if isinstance(metadata, dict) else None
+
+
+def open_token_files(directory: str, *, vocab_size: int, field: str = "config.data.path") -> TokenSplits:
+  """Memory-maps both splits of a token-files directory, checked against the metadata.
+
+  `vocab_size` is the model's: the metadata's may not exceed it and no token id
+  may reach it. Errors name `field`, the config value that chose `directory`.
+  """
+  where = f"{field}={directory!r}"
+  directory = os.path.expanduser(directory)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{where}: no such directory")
+  if not os.path.isfile(os.path.join(directory, METADATA)):
+    raise FileNotFoundError(f"{where}: no {METADATA} (see attnres_jax/data/token_files.py for the format)")
+  metadata = read_metadata(directory)
+  if metadata is None:
+    raise ValueError(f"{where}: {METADATA} is not a JSON object")
+  missing = [key for key in ("vocab_size", "dtype", "num_tokens") if key not in metadata]
+  if missing:
+    raise ValueError(f"{where}: {METADATA} lacks {missing}")
+  if not isinstance(metadata["vocab_size"], int) or not isinstance(metadata["num_tokens"], dict):
+    raise ValueError(f"{where}: {METADATA} needs an integer vocab_size and a num_tokens object")
+  if metadata["dtype"] not in DTYPES:
+    raise ValueError(f"{where}: {METADATA} dtype={metadata['dtype']!r} must be one of {tuple(DTYPES)}")
+  data_vocab_size = metadata["vocab_size"]
+  if data_vocab_size > vocab_size:
+    raise ValueError(f"{where}: {METADATA} vocab_size={data_vocab_size} exceeds "
+                     f"config.model.vocab_size={vocab_size}")
+  dtype = DTYPES[metadata["dtype"]]
+  splits = {}
+  for split in SPLITS:
+    path = split_file(directory, split)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{where}: no {split}.bin")
+    size = os.path.getsize(path)
+    if size % dtype.itemsize:
+      raise ValueError(f"{where}: {split}.bin has {size} bytes, not a multiple of {metadata['dtype']} "
+                       f"({dtype.itemsize} bytes)")
+    num_tokens = size // dtype.itemsize
+    expected = metadata["num_tokens"].get(split)
+    if num_tokens != expected:
+      raise ValueError(f"{where}: {split}.bin holds {num_tokens} tokens, {METADATA} says {expected}")
+    if num_tokens == 0:
+      raise ValueError(f"{where}: the {split} split is empty")
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    largest = int(tokens.max())
+    if largest >= data_vocab_size:
+      raise ValueError(f"{where}: {split}.bin holds token id {largest} >= vocab_size={data_vocab_size} "
+                       f"({METADATA}; config.model.vocab_size={vocab_size})")
+    splits[split] = tokens
+  return TokenSplits(splits["train"], splits["val"], metadata)

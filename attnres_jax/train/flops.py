@@ -1,0 +1,43 @@
+"""Training FLOPs per token (matmuls, attention, depth mixing) and device peaks, for MFU."""
+
+import jax
+import ml_collections
+
+from attnres_jax.residuals.schedule import BlockSchedule
+
+# Dense bf16 peak FLOP/s per device, by a substring of `device_kind` (vendor data sheets).
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6": 918e12, "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
+}
+
+
+def forward_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> dict[str, float]:
+  """Multiply-adds x 2 of one token's forward pass, split by kind.
+
+  matmul: projections, MLP and LM head; attention: scores and values over the
+  causal context (average seq_len / 2 keys); depth: AttnRes logits and sums
+  (2 x 2d per visible source per sublayer, plus the output query).
+  """
+  d, head_dim = model.d_model, model.d_model // model.num_heads
+  attention_params = d * head_dim * (2 * model.num_heads + 2 * model.num_kv_heads)
+  layer_params = attention_params + 3 * d * model.d_ff
+  matmul = 2 * (model.num_layers * layer_params + d * model.vocab_size)
+  attention = 2 * 2 * model.num_layers * model.num_heads * head_dim * seq_len / 2
+  depth = 0.0
+  if model.residual != "prenorm":
+    schedule = BlockSchedule(model.num_layers, 2, model.block_size if model.residual == "block" else 1)
+    visible = (schedule.slot() + 1 + ~schedule.starts_block()).sum() + schedule.num_slots + 1
+    depth = 4.0 * d * float(visible)
+  return {"matmul": float(matmul), "attention": float(attention), "depth": depth,
+          "total": float(matmul + attention + depth)}
+
+
+def train_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> float:
+  """Forward + backward (3x forward); rematerialisation is not counted (model FLOPs)."""
+  return 3.0 * forward_flops_per_token(model, seq_len)["total"]
+
+
+def peak_flops_per_device(device: jax.Device) -> float | None:
+  """The device's dense bf16 peak, or None where it is not known (e.g. CPUs)."""
+  return next((peak for kind, peak in PEAK_FLOPS.items() if kind in device.device_kind), None)

@@ -1,0 +1,112 @@
+"""The training loop: data, model, optimiser, evaluation, checkpoints and metrics, resumable."""
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from attnres_jax import data
+from attnres_jax.config_checks import check_run_config
+from attnres_jax.model import Transformer
+from attnres_jax.train.checkpoint import Checkpointer
+from attnres_jax.train.flops import peak_flops_per_device, train_flops_per_token
+from attnres_jax.train.metrics import MetricsWriter
+from attnres_jax.train.optim import learning_rate_schedule, make_optimizer
+from attnres_jax.train.steps import init_train_state, make_eval_step, make_train_step
+
+
+def evaluate(eval_step, params, batches) -> float:
+  return float(np.mean([eval_step(params, jnp.asarray(batch)) for batch in batches]))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final metrics."""
+  process_index, process_count = jax.process_index(), jax.process_count()
+  is_main = process_index == 0
+  check_run_config(config, process_count)
+  splits = data.load_splits(config.data, config.model.vocab_size)
+  data_kwargs = dict(seq_len=config.data.seq_len, global_batch_size=config.data.global_batch_size,
+                     process_index=process_index, process_count=process_count)
+  train_iterator = data.train_iterator(splits.train, seed=config.data.seed, **data_kwargs)
+  eval_batches = data.eval_batches(splits.val, num_batches=config.train.eval_batches, **data_kwargs)
+
+  graphdef, params = nnx.split(Transformer(config.model, rngs=nnx.Rngs(config.train.seed)), nnx.Param)
+  num_steps = config.train.num_steps
+  tx = make_optimizer(config.optim, num_steps)
+  state = init_train_state(params, tx, config.train.seed)
+  os.makedirs(workdir, exist_ok=True)
+  checkpointer = Checkpointer(workdir, max_to_keep=config.train.max_to_keep,
+                              async_checkpointing=config.train.async_checkpointing)
+  state = checkpointer.restore_latest(state, train_iterator) or state
+  start_step = int(state.step)
+
+  run_name = os.path.basename(os.path.abspath(workdir))
+  tokens_per_step = config.data.global_batch_size * config.data.seq_len
+  flops_per_step = train_flops_per_token(config.model, config.data.seq_len) * tokens_per_step
+  peak = peak_flops_per_device(jax.devices()[0])
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    num_params = sum(np.size(p) for p in jax.tree.leaves(params))
+    print(f"[{run_name}] {config.model.residual} model, {num_params:,} parameters; {tokens_per_step:,} tokens "
+          f"per step, steps {start_step} -> {num_steps}"
+          f"{' (resumed)' if start_step else ''}; {len(jax.devices())} {jax.devices()[0].platform} device(s); "
+          f"writing to {os.path.abspath(workdir)}", flush=True)
+
+  train_step = make_train_step(graphdef, tx, config.optim.grad_accum_steps)
+  eval_step = make_eval_step(graphdef)
+  schedule = learning_rate_schedule(config.optim, num_steps)
+  writer = MetricsWriter(workdir, run_name=run_name, num_steps=num_steps, start_step=start_step, is_main=is_main)
+  final = {}
+  pending = None  # (step, metrics) not read yet: read after the next step is dispatched
+  last_log = (start_step, time.perf_counter())
+
+  def settle():
+    """Reads the pending step's metrics (blocking), stops on a non-finite loss, logs it."""
+    nonlocal pending, last_log
+    if pending is None:
+      return
+    step, metrics = pending
+    pending = None
+    metrics = {name: float(value) for name, value in metrics.items()}
+    if not np.isfinite(metrics["loss"]):
+      checkpointer.wait()
+      writer.close()
+      raise FloatingPointError(
+          f"Training loss is {metrics['loss']} at step {step}; stopping without saving this state. "
+          f"Checkpoints kept: {checkpointer.manager.all_steps()}.")
+    final["train_loss"] = metrics["loss"]
+    if step % config.train.log_every == 0 or step == num_steps:
+      elapsed = time.perf_counter() - last_log[1]
+      tokens_per_s = (step - last_log[0]) * tokens_per_step / max(elapsed, 1e-9)
+      last_log = (step, time.perf_counter())
+      metrics.update(learning_rate=float(schedule(step - 1)), tokens_per_s=tokens_per_s)
+      summary = {"loss": f"{metrics['loss']:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
+      if peak:
+        metrics["mfu"] = tokens_per_s / tokens_per_step * flops_per_step / (peak * jax.device_count())
+        summary["MFU"] = f"{100 * metrics['mfu']:.1f}%"
+      writer.write(step, "train", metrics)
+      writer.show(step, summary)
+
+  for step in range(start_step + 1, num_steps + 1):
+    state, metrics = train_step(state, jnp.asarray(next(train_iterator)))
+    settle()
+    pending = (step, metrics)
+    if step % config.train.eval_every == 0 or step == num_steps:
+      settle()
+      final["eval_loss"] = evaluate(eval_step, state.params, eval_batches)
+      writer.write(step, "eval", {"loss": final["eval_loss"]})
+      writer.note(f"[{run_name}] step {step}: validation loss {final['eval_loss']:.4f}")
+    if step % config.train.checkpoint_every == 0 or step == num_steps:
+      settle()
+      checkpointer.save(state, train_iterator)
+  settle()
+  checkpointer.wait()
+  checkpointer.close()
+  writer.close()
+  return final

@@ -1,0 +1,54 @@
+"""Pure, jitted train and eval steps over a `TrainState` pytree."""
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from attnres_jax.train.loss import next_token_loss
+
+Array = jax.Array
+
+
+class TrainState(NamedTuple):
+  params: nnx.State
+  opt_state: optax.OptState
+  step: Array  # optimiser steps taken, int32
+  rng: Array  # raw key data of the run's PRNG key (for stochastic features; saved in checkpoints)
+
+
+def init_train_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.key_data(jax.random.key(seed)))
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, grad_accum_steps: int
+                    ) -> Callable[[TrainState, Array], tuple[TrainState, dict[str, Array]]]:
+  """One optimiser step on a batch `[B, T + 1]`, averaging gradients over `grad_accum_steps` micro-batches."""
+
+  def loss_fn(params, tokens_BxT1):
+    return next_token_loss(nnx.merge(graphdef, params), tokens_BxT1)
+
+  def train_step(state: TrainState, tokens_BxT1: Array):
+    micro_batches_AxMxT1 = tokens_BxT1.reshape((grad_accum_steps, -1) + tokens_BxT1.shape[1:])
+
+    def accumulate(grads, micro_batch_MxT1):
+      loss, micro_grads = jax.value_and_grad(loss_fn)(state.params, micro_batch_MxT1)
+      return jax.tree.map(jnp.add, grads, micro_grads), loss
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, losses_A = jax.lax.scan(accumulate, zeros, micro_batches_AxMxT1)
+    grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": jnp.mean(losses_A), "grad_norm": optax.tree.norm(grads),
+               "update_norm": optax.tree.norm(updates), "param_norm": optax.tree.norm(params)}
+    return TrainState(params, opt_state, state.step + 1, state.rng), metrics
+
+  return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[nnx.State, Array], Array]:
+  """Mean next-token loss of one batch `[B, T + 1]`."""
+  return jax.jit(lambda params, tokens_BxT1: next_token_loss(nnx.merge(graphdef, params), tokens_BxT1))

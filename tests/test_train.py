@@ -1,0 +1,199 @@
+"""Training pipeline: optimiser pieces, the loop's outputs, and its reliability guarantees."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from attnres_jax.config_checks import check_run_config
+from attnres_jax.train.flops import forward_flops_per_token
+from attnres_jax.train.loop import train_and_evaluate
+from attnres_jax.train.metrics import read_metrics
+from attnres_jax.train.optim import decay_mask, learning_rate_schedule
+from attnres_jax.train.steps import init_train_state, make_train_step
+from configs import smoke
+from helpers import make_model, random_tokens
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def corpus_cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("corpus_cache"))
+
+
+def smoke_config(cache_dir, **train):
+  config = smoke.get_config()
+  config.data.cache_dir = cache_dir
+  config.train.update(train)
+  return config
+
+
+def run_main(workdir, cache_dir, *overrides, wait=True):
+  command = [sys.executable, "-m", "attnres_jax.main", "--config=configs/smoke.py", f"--workdir={workdir}",
+             f"--config.data.cache_dir={cache_dir}", *overrides]
+  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  if not wait:
+    return process
+  output, _ = process.communicate(timeout=300)
+  return process.returncode, output
+
+
+def train_losses(workdir):
+  return {r["step"]: r["loss"] for r in read_metrics(workdir) if r["split"] == "train"}
+
+
+def test_schedules_warm_up_then_decay():
+  optim = smoke.get_config().optim
+  optim.update(dict(peak_lr=1.0, warmup_steps=10, min_lr_ratio=0.1))
+  cosine = learning_rate_schedule(optim, 100)
+  assert float(cosine(0)) == 0.0 and float(cosine(10)) == pytest.approx(1.0)
+  assert float(cosine(100)) == pytest.approx(0.1) and float(cosine(50)) < 1.0
+  optim.update(dict(schedule="wsd", wsd_decay_fraction=0.2))
+  wsd = learning_rate_schedule(optim, 100)
+  assert [float(wsd(s)) for s in (10, 50, 80)] == pytest.approx([1.0, 1.0, 1.0])
+  assert float(wsd(90)) == pytest.approx(0.55) and float(wsd(100)) == pytest.approx(0.1)
+
+
+def decayed_names(params, decay_embeddings):
+  leaves, _ = jax.tree_util.tree_flatten_with_path(decay_mask(params, decay_embeddings))
+  dict_keys = lambda path: [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+  return {"/".join(dict_keys(path)) for path, decays in leaves if decays}
+
+
+def test_weight_decay_mask_by_name():
+  params = nnx.state(make_model("block"), nnx.Param)
+  matrices = {f"layers/{module}/{name}" for module, names in (("attention", ("query", "key", "value", "out")),
+                                                               ("mlp", ("gate", "up", "down"))) for name in names}
+  assert decayed_names(params, decay_embeddings=False) == matrices
+  assert decayed_names(params, decay_embeddings=True) == matrices | {"embedding", "head"}
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  graphdef, params = nnx.split(make_model("block"), nnx.Param)
+  tx = optax.sgd(0.1)
+  tokens = random_tokens(batch=4, length=9)
+  fresh_state = lambda: init_train_state(jax.tree.map(jnp.copy, params), tx, 0)  # steps donate their state
+  one = make_train_step(graphdef, tx, 1)(fresh_state(), tokens)
+  two = make_train_step(graphdef, tx, 2)(fresh_state(), tokens)
+  np.testing.assert_allclose(one[1]["loss"], two[1]["loss"], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(one[0].params), jax.tree.leaves(two[0].params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_flop_count_orders_the_rules():
+  config = smoke.get_config().model
+  counts = {}
+  for residual, block_size in (("prenorm", 1), ("block", 2), ("full", 1)):
+    config.update(dict(residual=residual, block_size=block_size))
+    counts[residual] = forward_flops_per_token(config, 32)
+  assert counts["prenorm"]["depth"] == 0
+  assert 0 < counts["block"]["depth"] < counts["full"]["depth"]
+  assert counts["prenorm"]["matmul"] == counts["full"]["matmul"]
+
+
+@pytest.mark.parametrize("section,field,value", [
+    ("data", "source", "web"), ("data", "seq_len", 0), ("data", "val_fraction", 1.5),
+    ("data", "global_batch_size", 5),  # not divisible by grad_accum_steps=2
+    ("optim", "schedule", "linear"), ("optim", "peak_lr", 0.0), ("optim", "b2", 1.5),
+    ("train", "num_steps", 0), ("train", "eval_every", -1),
+])
+def test_invalid_run_config_names_the_field(section, field, value):
+  config = smoke.get_config()
+  config.optim.grad_accum_steps = 2
+  config[section][field] = value
+  with pytest.raises(ValueError, match=rf"config\.{section}\.{field}="):
+    check_run_config(config)
+
+
+def test_smoke_run_writes_metrics_plot_checkpoints(tmp_path, corpus_cache):
+  workdir = str(tmp_path / "run")
+  final = train_and_evaluate(smoke_config(corpus_cache), workdir)
+  records = read_metrics(workdir)
+  evals = [r["loss"] for r in records if r["split"] == "eval"]
+  assert len(evals) == 2 and evals[-1] == pytest.approx(final["eval_loss"])
+  assert evals[-1] < np.log(256) - 0.1  # learned something beyond uniform bytes
+  assert {"loss", "grad_norm", "learning_rate", "tokens_per_s"} <= set(records[-1])
+  assert os.path.getsize(os.path.join(workdir, "loss.png")) > 10_000
+  assert json.load(open(os.path.join(workdir, "config.json")))["model"]["residual"] == "block"
+  assert any(f.startswith("events") for _, _, files in os.walk(os.path.join(workdir, "tensorboard")) for f in files)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "4", "8"]
+
+
+def test_sigkill_then_rerun_reproduces_every_loss(tmp_path, corpus_cache):
+  overrides = ["--config.train.num_steps=20", "--config.train.log_every=1", "--config.train.checkpoint_every=5",
+               "--config.model.residual=block", "--config.model.block_size=3"]
+  reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
+  code, output = run_main(reference, corpus_cache, *overrides)
+  assert code == 0, output
+  process = run_main(killed, corpus_cache, *overrides, wait=False)
+  deadline = time.time() + 240
+  while time.time() < deadline and max(_logged_steps(killed), default=0) < 12:
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert 12 <= max(_logged_steps(killed)) < 20, "the run was not killed mid-way"
+  code, output = run_main(killed, corpus_cache, *overrides)
+  assert code == 0, output
+  assert "(resumed)" in output
+  assert train_losses(killed) == train_losses(reference)
+
+
+def _logged_steps(workdir):
+  try:
+    return [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  except (FileNotFoundError, json.JSONDecodeError):
+    return []
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_keeps_it(tmp_path, corpus_cache):
+  workdir = str(tmp_path / "run")
+  train_and_evaluate(smoke_config(corpus_cache, log_every=1), workdir)
+  losses = train_losses(workdir)
+  latest = os.path.join(workdir, "checkpoints", "12", "state")
+  for root, _, files in os.walk(latest):
+    for name in files:
+      if name not in ("_METADATA", "_CHECKPOINT_METADATA"):
+        with open(os.path.join(root, name), "r+b") as f:
+          f.truncate(max(0, os.path.getsize(os.path.join(root, name)) // 3))
+  os.remove(os.path.join(workdir, "metrics.jsonl"))
+  train_and_evaluate(smoke_config(corpus_cache, log_every=1), workdir)  # same schedule as the first run
+  moved = os.listdir(os.path.join(workdir, "corrupt_checkpoints"))
+  assert len(moved) == 1 and moved[0].startswith("12-")
+  resumed = train_losses(workdir)
+  assert min(resumed) == 9  # resumed from step 8
+  assert all(resumed[s] == losses[s] for s in range(9, 13))
+
+
+def test_non_finite_loss_stops_and_keeps_good_checkpoints(tmp_path, corpus_cache):
+  workdir = str(tmp_path / "run")
+  config = smoke_config(corpus_cache, log_every=1, checkpoint_every=1, num_steps=12)
+  config.optim.update(dict(peak_lr=1e12, warmup_steps=0, grad_clip_norm=0.0))
+  with pytest.raises(FloatingPointError, match=r"at step (\d+)") as raised:
+    train_and_evaluate(config, workdir)
+  bad_step = int(re.search(r"at step (\d+)", str(raised.value)).group(1))
+  saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+  assert all(step < bad_step for step in saved)
+
+
+def test_model_shape_mismatch_is_one_clear_error(tmp_path, corpus_cache):
+  workdir = str(tmp_path / "run")
+  train_and_evaluate(smoke_config(corpus_cache, num_steps=4), workdir)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  before = {os.path.join(r, f): os.path.getmtime(os.path.join(r, f)) for r, _, fs in os.walk(checkpoints) for f in fs}
+  config = smoke_config(corpus_cache, num_steps=8)
+  config.model.d_model = 64
+  with pytest.raises(ValueError, match="different model shape"):
+    train_and_evaluate(config, workdir)
+  after = {os.path.join(r, f): os.path.getmtime(os.path.join(r, f)) for r, _, fs in os.walk(checkpoints) for f in fs}
+  assert before == after
