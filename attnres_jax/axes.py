@@ -13,3 +13,11 @@ HEAD_DIM = "kv"  # per-head channel width
 MLP = "mlp"  # hidden width of the SwiGLU MLP
 SUBLAYER = "sublayer"  # attention / MLP sublayer of one transformer layer
 DEPTH_EMBED = "depth_embed"  # channels of pseudo-queries and key gains (kept replicated)
+
+# Activation axes (constrained inside the model; mapped by the same rules).
+BATCH = "batch"
+ACTIVATION_LENGTH = "activation_length"
+ACTIVATION_EMBED = "activation_embed"
+ACTIVATION_HEADS = "activation_heads"
+ACTIVATION_MLP = "activation_mlp"
+ACTIVATION_VOCAB = "activation_vocab"

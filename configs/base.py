@@ -62,4 +62,20 @@ def get_config() -> ml_collections.ConfigDict:
   train.checkpoint_every = 100  # steps between checkpoints (and one at the end)
   train.max_to_keep = 3  # checkpoints kept
   train.async_checkpointing = True  # write checkpoints in the background
+
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # data-parallel devices; -1 = all devices the other axes leave
+  mesh.fsdp = 1  # devices sharding parameters, optimiser state (over embed) and the batch
+  mesh.tensor = 1  # devices sharding heads, MLP hidden and vocab (tensor parallelism)
+  # Logical axis -> mesh axes (attnres_jax/axes.py names); unlisted axes are replicated.
+  mesh.rules = (
+      ("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"),
+      ("kv_heads", "tensor"), ("mlp", "tensor"), ("activation_heads", "tensor"),
+      ("activation_mlp", "tensor"), ("activation_vocab", "tensor"))
+
+  config.distributed = distributed = ml_collections.ConfigDict()
+  distributed.initialize = False  # call jax.distributed.initialize() first (multi-host runs)
+  distributed.coordinator_address = ""  # host:port of process 0; "" = from the environment (TPU, SLURM)
+  distributed.num_processes = 0  # 0 = from the environment
+  distributed.process_id = -1  # -1 = from the environment
   return config

@@ -39,10 +39,12 @@ def smoke_config(cache_dir, **train):
   return config
 
 
-def run_main(workdir, cache_dir, *overrides, wait=True):
+def run_main(workdir, *overrides, wait=True, env=None):
+  """`python -m attnres_jax.main` with the smoke config; (exit code, output), or the process if not `wait`."""
   command = [sys.executable, "-m", "attnres_jax.main", "--config=configs/smoke.py", f"--workdir={workdir}",
-             f"--config.data.cache_dir={cache_dir}", *overrides]
-  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             *overrides]
+  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=env)
   if not wait:
     return process
   output, _ = process.communicate(timeout=300)
@@ -134,16 +136,17 @@ def test_sigkill_then_rerun_reproduces_every_loss(tmp_path, corpus_cache):
   overrides = ["--config.train.num_steps=20", "--config.train.log_every=1", "--config.train.checkpoint_every=5",
                "--config.model.residual=block", "--config.model.block_size=3"]
   reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
-  code, output = run_main(reference, corpus_cache, *overrides)
+  overrides.append(f"--config.data.cache_dir={corpus_cache}")
+  code, output = run_main(reference, *overrides)
   assert code == 0, output
-  process = run_main(killed, corpus_cache, *overrides, wait=False)
+  process = run_main(killed, *overrides, wait=False)
   deadline = time.time() + 240
   while time.time() < deadline and max(_logged_steps(killed), default=0) < 12:
     time.sleep(0.05)
   process.send_signal(signal.SIGKILL)
   process.wait()
   assert 12 <= max(_logged_steps(killed)) < 20, "the run was not killed mid-way"
-  code, output = run_main(killed, corpus_cache, *overrides)
+  code, output = run_main(killed, *overrides)
   assert code == 0, output
   assert "(resumed)" in output
   assert train_losses(killed) == train_losses(reference)

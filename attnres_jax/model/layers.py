@@ -10,8 +10,11 @@ from flax import nnx
 
 from attnres_jax import axes
 from attnres_jax.residuals.depth_attention import compute_dtype
+from attnres_jax.sharding import constrain
 
 Array = jax.Array
+TOKEN_ACTIVATIONS = (axes.BATCH, axes.ACTIVATION_LENGTH, axes.ACTIVATION_EMBED)
+HEAD_ACTIVATIONS = (axes.BATCH, axes.ACTIVATION_LENGTH, axes.ACTIVATION_HEADS, None)
 
 
 def logical_param(value: Array, names: tuple[str | None, ...]) -> nnx.Param:
@@ -69,11 +72,11 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BxTxD: Array, rope: tuple[Array, Array]) -> Array:
     w = lambda p: p[...].astype(self.dtype)
-    q_BxTxNxH = apply_rope(jnp.einsum("btd,dnh->btnh", x_BxTxD, w(self.query)), rope)
-    k_BxTxKxH = apply_rope(jnp.einsum("btd,dkh->btkh", x_BxTxD, w(self.key)), rope)
-    v_BxTxKxH = jnp.einsum("btd,dkh->btkh", x_BxTxD, w(self.value))
-    o_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True)
-    return jnp.einsum("btnh,nhd->btd", o_BxTxNxH, w(self.out))
+    project = lambda p: constrain(jnp.einsum("btd,dnh->btnh", x_BxTxD, w(p)), HEAD_ACTIVATIONS)
+    q_BxTxNxH = apply_rope(project(self.query), rope)
+    k_BxTxKxH = apply_rope(project(self.key), rope)
+    o_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, project(self.value), is_causal=True)
+    return constrain(jnp.einsum("btnh,nhd->btd", o_BxTxNxH, w(self.out)), TOKEN_ACTIVATIONS)
 
 
 class SwiGLU(nnx.Module):
@@ -89,4 +92,5 @@ class SwiGLU(nnx.Module):
   def __call__(self, x_BxTxD: Array) -> Array:
     w = lambda p: p[...].astype(self.dtype)
     hidden_BxTxF = jax.nn.silu(x_BxTxD @ w(self.gate)) * (x_BxTxD @ w(self.up))
-    return hidden_BxTxF @ w(self.down)
+    hidden_BxTxF = constrain(hidden_BxTxF, (axes.BATCH, axes.ACTIVATION_LENGTH, axes.ACTIVATION_MLP))
+    return constrain(hidden_BxTxF @ w(self.down), TOKEN_ACTIVATIONS)

@@ -16,10 +16,11 @@ from flax import nnx
 
 from attnres_jax import axes
 from attnres_jax.config_checks import check_model_config
-from attnres_jax.model.layers import Attention, RMSNorm, SwiGLU, logical_param, normal_param, rope_tables
+from attnres_jax.model.layers import TOKEN_ACTIVATIONS, Attention, RMSNorm, SwiGLU, logical_param, normal_param, rope_tables
 from attnres_jax.residuals.depth_loop import attnres_loop, output_mix
 from attnres_jax.residuals.prenorm import prenorm_loop
 from attnres_jax.residuals.schedule import BlockSchedule
+from attnres_jax.sharding import constrain
 
 Array = jax.Array
 SUBLAYERS_PER_LAYER = 2  # attention, MLP
@@ -120,7 +121,7 @@ class Transformer(nnx.Module):
     token-averaged `depth_weights` `[L, N + 1]` over (b_0..b_{N-1}, partial)
     and `output_depth_weights` `[N + 1]`.
     """
-    x_BxTxD = jnp.take(self.embedding[...], tokens_BxT, axis=0).astype(self.dtype)
+    x_BxTxD = constrain(jnp.take(self.embedding[...], tokens_BxT, axis=0).astype(self.dtype), TOKEN_ACTIVATIONS)
     rope = rope_tables(jnp.arange(tokens_BxT.shape[1]), self.head_dim, self.rope_theta)
     graphdef, layer_params = nnx.split(self.layers)
     sublayers = (functools.partial(_attention_sublayer, graphdef), functools.partial(_mlp_sublayer, graphdef))
@@ -139,4 +140,5 @@ class Transformer(nnx.Module):
     head_DxV = self.embedding[...].T if self.head is None else self.head[...]
     logits_BxTxV = jnp.einsum("btd,dv->btv", h_BxTxD, head_DxV.astype(self.dtype),
                               preferred_element_type=jnp.promote_types(self.dtype, jnp.float32))
+    logits_BxTxV = constrain(logits_BxTxV, (axes.BATCH, axes.ACTIVATION_LENGTH, axes.ACTIVATION_VOCAB))
     return (logits_BxTxV, stats) if return_stats else logits_BxTxV

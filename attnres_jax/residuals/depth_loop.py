@@ -37,10 +37,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from attnres_jax import axes
 from attnres_jax.residuals.depth_attention import attend, compute_dtype, inverse_rms, merge_source
 from attnres_jax.residuals.remat import checkpointed
 from attnres_jax.residuals.schedule import BlockSchedule
 from attnres_jax.residuals.types import Array, PyTree, SublayerFn, rms, stack_sublayers
+from attnres_jax.sharding import constrain
 
 
 class DepthState(NamedTuple):
@@ -136,10 +138,13 @@ def output_mix(
 
 
 def initial_state(embedding_BxTxD: Array, num_slots: int) -> DepthState:
-  """Empty buffer; the embedding is the open partial, sealed as b_0 by sublayer 0."""
+  """Empty buffer, sharded like activations; the embedding is the open partial, sealed as b_0 by sublayer 0."""
+  tokens = (axes.BATCH, axes.ACTIVATION_LENGTH)
   return DepthState(
-      jnp.zeros((num_slots,) + embedding_BxTxD.shape, embedding_BxTxD.dtype),
-      jnp.zeros((num_slots,) + embedding_BxTxD.shape[:-1], compute_dtype(embedding_BxTxD.dtype)),
+      constrain(jnp.zeros((num_slots,) + embedding_BxTxD.shape, embedding_BxTxD.dtype),
+                (None, *tokens, axes.ACTIVATION_EMBED)),
+      constrain(jnp.zeros((num_slots,) + embedding_BxTxD.shape[:-1], compute_dtype(embedding_BxTxD.dtype)),
+                (None, *tokens)),
       embedding_BxTxD,
   )
 

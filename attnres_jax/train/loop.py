@@ -1,44 +1,60 @@
 """The training loop: data, model, optimiser, evaluation, checkpoints and metrics, resumable."""
 
-import json
+import functools
 import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
+from jax.experimental import multihost_utils
 
 from attnres_jax import data
 from attnres_jax.config_checks import check_run_config
-from attnres_jax.model import Transformer
+from attnres_jax.sharding import activate, batch_sharding, make_mesh
 from attnres_jax.train.checkpoint import Checkpointer
 from attnres_jax.train.flops import peak_flops_per_device, train_flops_per_token
 from attnres_jax.train.metrics import MetricsWriter
 from attnres_jax.train.optim import learning_rate_schedule, make_optimizer
-from attnres_jax.train.steps import init_train_state, make_eval_step, make_train_step
+from attnres_jax.train.state import create_train_state, state_shardings
+from attnres_jax.train.steps import make_eval_step, make_train_step
 
 
-def evaluate(eval_step, params, batches) -> float:
-  return float(np.mean([eval_step(params, jnp.asarray(batch)) for batch in batches]))
+def load_splits_once(config: ml_collections.ConfigDict) -> data.TokenSplits:
+  """Process 0 builds the corpus cache (if needed) before the others open it."""
+  if jax.process_index() == 0:
+    splits = data.load_splits(config.data, config.model.vocab_size)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("corpus ready")
+  if jax.process_index() != 0:
+    splits = data.load_splits(config.data, config.model.vocab_size)
+  return splits
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final metrics."""
+  """Trains `config` in `workdir` on the configured mesh, resuming from its latest checkpoint.
+
+  Returns the final train and validation losses.
+  """
+  check_run_config(config, jax.process_count())
+  mesh = make_mesh(config.mesh)
+  with activate(mesh, config.mesh.rules):
+    return _train_and_evaluate(config, workdir, mesh)
+
+
+def _train_and_evaluate(config, workdir, mesh) -> dict[str, float]:
   process_index, process_count = jax.process_index(), jax.process_count()
   is_main = process_index == 0
-  check_run_config(config, process_count)
-  splits = data.load_splits(config.data, config.model.vocab_size)
+  splits = load_splits_once(config)
+  to_global = functools.partial(jax.make_array_from_process_local_data, batch_sharding(mesh, config.mesh.rules))
   data_kwargs = dict(seq_len=config.data.seq_len, global_batch_size=config.data.global_batch_size,
                      process_index=process_index, process_count=process_count)
   train_iterator = data.train_iterator(splits.train, seed=config.data.seed, **data_kwargs)
   eval_batches = data.eval_batches(splits.val, num_batches=config.train.eval_batches, **data_kwargs)
 
-  graphdef, params = nnx.split(Transformer(config.model, rngs=nnx.Rngs(config.train.seed)), nnx.Param)
   num_steps = config.train.num_steps
   tx = make_optimizer(config.optim, num_steps)
-  state = init_train_state(params, tx, config.train.seed)
+  graphdef, state = create_train_state(config, mesh, tx)
   os.makedirs(workdir, exist_ok=True)
   checkpointer = Checkpointer(workdir, max_to_keep=config.train.max_to_keep,
                               async_checkpointing=config.train.async_checkpointing)
@@ -52,13 +68,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=2))
-    num_params = sum(np.size(p) for p in jax.tree.leaves(params))
+    num_params = sum(np.size(p) for p in jax.tree.leaves(state.params))
     print(f"[{run_name}] {config.model.residual} model, {num_params:,} parameters; {tokens_per_step:,} tokens "
           f"per step, steps {start_step} -> {num_steps}"
-          f"{' (resumed)' if start_step else ''}; {len(jax.devices())} {jax.devices()[0].platform} device(s); "
+          f"{' (resumed)' if start_step else ''}; mesh {dict(mesh.shape)} of {jax.devices()[0].platform} "
+          f"devices over {process_count} process(es); "
           f"writing to {os.path.abspath(workdir)}", flush=True)
 
-  train_step = make_train_step(graphdef, tx, config.optim.grad_accum_steps)
+  train_step = make_train_step(graphdef, tx, config.optim.grad_accum_steps, state_shardings(state))
   eval_step = make_eval_step(graphdef)
   schedule = learning_rate_schedule(config.optim, num_steps)
   writer = MetricsWriter(workdir, run_name=run_name, num_steps=num_steps, start_step=start_step, is_main=is_main)
@@ -94,12 +111,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       writer.show(step, summary)
 
   for step in range(start_step + 1, num_steps + 1):
-    state, metrics = train_step(state, jnp.asarray(next(train_iterator)))
+    state, metrics = train_step(state, to_global(next(train_iterator)))
     settle()
     pending = (step, metrics)
     if step % config.train.eval_every == 0 or step == num_steps:
       settle()
-      final["eval_loss"] = evaluate(eval_step, state.params, eval_batches)
+      final["eval_loss"] = float(np.mean([eval_step(state.params, to_global(b)) for b in eval_batches]))
       writer.write(step, "eval", {"loss": final["eval_loss"]})
       writer.note(f"[{run_name}] step {step}: validation loss {final['eval_loss']:.4f}")
     if step % config.train.checkpoint_every == 0 or step == num_steps:

@@ -2,6 +2,7 @@
 
 from typing import Callable, NamedTuple
 
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -23,9 +24,13 @@ def init_train_state(params: nnx.State, tx: optax.GradientTransformation, seed: 
   return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.key_data(jax.random.key(seed)))
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, grad_accum_steps: int
-                    ) -> Callable[[TrainState, Array], tuple[TrainState, dict[str, Array]]]:
-  """One optimiser step on a batch `[B, T + 1]`, averaging gradients over `grad_accum_steps` micro-batches."""
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, grad_accum_steps: int,
+                    state_sharding=None) -> Callable[[TrainState, Array], tuple[TrainState, dict[str, Array]]]:
+  """One optimiser step on a batch `[B, T + 1]`, averaging gradients over `grad_accum_steps` micro-batches.
+
+  With `state_sharding` (a TrainState of shardings) the new state keeps the
+  layout of the old one, so the donated buffers are reused step after step.
+  """
 
   def loss_fn(params, tokens_BxT1):
     return next_token_loss(nnx.merge(graphdef, params), tokens_BxT1)
@@ -46,7 +51,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
                "update_norm": optax.tree.norm(updates), "param_norm": optax.tree.norm(params)}
     return TrainState(params, opt_state, state.step + 1, state.rng), metrics
 
-  return jax.jit(train_step, donate_argnums=0)
+  out_shardings = None if state_sharding is None else (state_sharding, None)
+  return jax.jit(train_step, donate_argnums=0, out_shardings=out_shardings)
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[nnx.State, Array], Array]:

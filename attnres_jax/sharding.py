@@ -1,0 +1,115 @@
+"""Device meshes from the config and logical-axis sharding rules (MaxText style).
+
+Mesh axes are `data`, `fsdp` and `tensor`. Every parameter carries logical axis
+names (`attnres_jax.axes`); `config.mesh.rules` maps each name to mesh axes
+(an unnamed or unmapped axis is replicated, and so is a dimension the mapped
+mesh axes do not divide). Activations are constrained at sublayer boundaries
+through the same rules: batch over data+fsdp, heads and MLP hidden over tensor.
+The AttnRes depth sources are activations; pseudo-queries and key gains
+(`depth_embed`) stay replicated.
+
+Axis types: **Auto**, deliberately. With Auto, GSPMD propagates shardings
+through the custom-VJP depth scan, `nnx.merge` inside it and
+`jax.nn.dot_product_attention`, and our `with_sharding_constraint` hints fix
+the layout at layer boundaries; a reduction over a `tensor`-sharded d (the key
+RMSNorm, the depth logits) becomes an all-reduce automatically, so it stays
+exact. jax's default, Explicit, would need `out_sharding=` on every einsum that
+contracts a sharded dimension, inside the custom VJP's forward and backward too.
+"""
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+_active: list[tuple[jax.sharding.Mesh, dict] | None] = [None]  # (mesh, rules) that `constrain` applies
+
+
+def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """Sizes of (data, fsdp, tensor); one of them may be -1: all devices the others leave.
+
+  Without a -1 the mesh may use fewer devices than there are (the first ones).
+  """
+  sizes = [mesh_config[axis] for axis in MESH_AXES]
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"config.mesh (data, fsdp, tensor)={tuple(sizes)}: positive sizes, at most one -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"config.mesh: {num_devices} devices are not divisible by the fixed axes' {known}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) > num_devices:
+    raise ValueError(f"config.mesh (data, fsdp, tensor)={tuple(sizes)} needs {math.prod(sizes)} devices, "
+                     f"found {num_devices}")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+              ) -> jax.sharding.Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_config, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices[:math.prod(shape)])
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], rules: dict,
+                    mesh_sizes: dict[str, int]) -> PartitionSpec:
+  """The mesh PartitionSpec of an array with logical axis `names`, under `rules`."""
+  used, spec = set(), []
+  for name, size in zip(names, shape):
+    mapped = rules.get(name)
+    axes = tuple(a for a in ((mapped,) if isinstance(mapped, str) else (mapped or ())) if a not in used)
+    if not axes or size % math.prod(mesh_sizes[a] for a in axes):
+      spec.append(None)
+      continue
+    used.update(axes)
+    spec.append(axes[0] if len(axes) == 1 else axes)
+  return PartitionSpec(*spec)
+
+
+def param_shardings(params: nnx.State, mesh: jax.sharding.Mesh, rules: Rules) -> nnx.State:
+  """NamedSharding of every parameter from its logical axis names (`out_sharding` metadata)."""
+  rules, sizes = dict(rules), dict(mesh.shape)
+
+  def sharding(variable):
+    names = variable.get_metadata().get("out_sharding") or (None,) * np.ndim(variable.get_value())
+    return variable.replace(NamedSharding(mesh, logical_to_spec(names, np.shape(variable.get_value()),
+                                                               rules, sizes)))
+
+  return jax.tree.map(sharding, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> NamedSharding:
+  """Sharding of a `[B, T + 1]` token batch: batch over the axes the rules give `batch`."""
+  mapped = dict(rules).get("batch")
+  return NamedSharding(mesh, PartitionSpec(mapped, None))
+
+
+@contextlib.contextmanager
+def activate(mesh: jax.sharding.Mesh, rules: Rules) -> Iterator[None]:
+  """Within this context, code traced by `jit` constrains activations to `mesh` by `rules`.
+
+  No global mesh is set: with Auto axes, concrete NamedShardings on the inputs
+  and on the constraints are all GSPMD needs.
+  """
+  _active.append((mesh, dict(rules)))
+  try:
+    yield
+  finally:
+    _active.pop()
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Sharding hint for an activation with logical axis `names`; a no-op outside `activate`."""
+  if _active[-1] is None:
+    return x
+  mesh, rules = _active[-1]
+  spec = logical_to_spec(names, x.shape, rules, dict(mesh.shape))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
