@@ -3,11 +3,11 @@
 from collections.abc import Mapping
 from typing import Any
 
-from attnres_jax.data.sources import SOURCES
 from attnres_jax.residuals.remat import REMAT_POLICIES
 from attnres_jax.train.optim import SCHEDULES
 
 RESIDUALS = ("prenorm", "full", "block")
+SOURCES = ("stdlib", "token_files")
 DTYPES = ("float32", "bfloat16", "float64")  # float64 needs jax_enable_x64 (gradient checks)
 
 
@@ -77,3 +77,9 @@ def check_run_config(config: Mapping[str, Any], process_count: int = 1) -> None:
       _fail(field, optim[field], "must be >= 0", "optim")
   _check_positive_ints("train", train, ("num_steps", "log_every", "eval_every", "eval_batches",
                                         "checkpoint_every", "max_to_keep"))
+  decay_steps = round(optim["wsd_decay_fraction"] * train["num_steps"]) if optim["schedule"] == "wsd" else 1
+  if optim["warmup_steps"] + decay_steps > train["num_steps"]:
+    _fail("warmup_steps", optim["warmup_steps"],
+          f"warmup (+ wsd decay) must fit in config.train.num_steps={train['num_steps']}", "optim")
+  if not 0 <= data["seed"] < 2**32:
+    _fail("seed", data["seed"], "must be in [0, 2**32)", "data")

@@ -6,7 +6,7 @@ depth and width, measured in the same run. Memory is XLA's compiled temp
 allocation (`memory_analysis().temp_size_in_bytes`), which excludes
 parameters, inputs and outputs.
 
-  python experiments/bench_step.py --sublayers=8,16,32 --d_models=256,512
+  python -m experiments.bench_step --sublayers=8,16,32 --d_models=256,512   # from the repository root
 """
 
 import argparse

@@ -1,5 +1,9 @@
 """Tiny models and inputs shared by the tests."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -8,6 +12,7 @@ from attnres_jax import Transformer
 from configs import base
 
 VOCAB = 64
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(residual: str = "block", **overrides):
@@ -40,3 +45,15 @@ def random_tokens(batch: int = 2, length: int = 8, seed: int = 1):
 def max_rel_error(a, b):
   a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
   return float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+
+
+def run_main(workdir, *overrides, wait=True, env=None):
+  """`python -m attnres_jax.main` with the smoke config; (exit code, output), or the process if not `wait`."""
+  command = [sys.executable, "-m", "attnres_jax.main", "--config=configs/smoke.py", f"--workdir={workdir}",
+             *overrides]
+  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=env)
+  if not wait:
+    return process
+  output, _ = process.communicate(timeout=300)
+  return process.returncode, output

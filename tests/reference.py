@@ -1,16 +1,24 @@
 """An independent, literal implementation of the spec, for tests only.
 
-Python lists of sources, one `depth_attention` call per sublayer, the state
+Python lists of sources, one plain softmax over keys per sublayer, the state
 update of `attnres-spec.md` section 4 written exactly as the spec states it.
-It shares the model's parameters and sublayer functions, not its depth loop.
+It shares the model's parameters and sublayer functions, not its depth loop
+or its mixing code.
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnres_jax import depth_attention
 from attnres_jax.model.layers import rope_tables
+
+
+def depth_attention(sources, query, gain, eps):
+  """Spec section 2 written out with jnp, independent of the package's mixing code."""
+  v = sources.astype(jnp.promote_types(sources.dtype, jnp.float32))
+  keys = gain * v / jnp.sqrt(jnp.mean(v * v, axis=-1, keepdims=True) + eps)
+  weights = jax.nn.softmax(jnp.einsum("s...d,d->s...", keys, query), axis=0)
+  return jnp.einsum("s...,s...d->...d", weights, v).astype(sources.dtype)
 
 
 def layer_at(model, j):

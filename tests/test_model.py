@@ -43,12 +43,6 @@ def visible_sources(num_sublayers, block_size):
   return rows + [(-(-num_sublayers // block_size), True)]
 
 
-def test_visible_sources_table_for_a_short_last_block():
-  # 6 sublayers, S=4: blocks {0..3}, {4, 5}; b_0 is the embedding.
-  assert visible_sources(6, 4) == [(1, False), (1, True), (1, True), (1, True), (2, False), (2, True),
-                                   (2, True)]
-
-
 @pytest.mark.parametrize("block_size", [1, 2, 3, 4, 6])
 def test_source_sets_follow_spec(block_size):
   """With zero queries every visible source gets weight 1/count, every other exactly 0."""

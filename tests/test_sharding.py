@@ -16,7 +16,7 @@ from attnres_jax.train.state import create_train_state, state_shardings
 from attnres_jax.train.steps import make_train_step
 from attnres_jax.train.metrics import read_metrics
 from configs import smoke
-from test_train import run_main
+from helpers import run_main
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (4, 1, 2)]
 

@@ -4,8 +4,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -15,16 +13,18 @@ import optax
 import pytest
 from flax import nnx
 
+from attnres_jax import data
 from attnres_jax.config_checks import check_run_config
+from attnres_jax.sharding import make_mesh
+from attnres_jax.train.checkpoint import Checkpointer
+from attnres_jax.train.state import create_train_state
 from attnres_jax.train.flops import forward_flops_per_token
 from attnres_jax.train.loop import train_and_evaluate
 from attnres_jax.train.metrics import read_metrics
-from attnres_jax.train.optim import decay_mask, learning_rate_schedule
+from attnres_jax.train.optim import decay_mask, learning_rate_schedule, make_optimizer
 from attnres_jax.train.steps import init_train_state, make_train_step
 from configs import smoke
-from helpers import make_model, random_tokens
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import make_model, random_tokens, run_main
 
 
 @pytest.fixture(scope="session")
@@ -37,18 +37,6 @@ def smoke_config(cache_dir, **train):
   config.data.cache_dir = cache_dir
   config.train.update(train)
   return config
-
-
-def run_main(workdir, *overrides, wait=True, env=None):
-  """`python -m attnres_jax.main` with the smoke config; (exit code, output), or the process if not `wait`."""
-  command = [sys.executable, "-m", "attnres_jax.main", "--config=configs/smoke.py", f"--workdir={workdir}",
-             *overrides]
-  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env=env)
-  if not wait:
-    return process
-  output, _ = process.communicate(timeout=300)
-  return process.returncode, output
 
 
 def train_losses(workdir):
@@ -109,6 +97,8 @@ def test_flop_count_orders_the_rules():
     ("data", "global_batch_size", 5),  # not divisible by grad_accum_steps=2
     ("optim", "schedule", "linear"), ("optim", "peak_lr", 0.0), ("optim", "b2", 1.5),
     ("train", "num_steps", 0), ("train", "eval_every", -1),
+    ("optim", "warmup_steps", 12),  # no steps left after warmup
+    ("data", "seed", -1),
 ])
 def test_invalid_run_config_names_the_field(section, field, value):
   config = smoke.get_config()
@@ -187,6 +177,14 @@ def test_non_finite_loss_stops_and_keeps_good_checkpoints(tmp_path, corpus_cache
   bad_step = int(re.search(r"at step (\d+)", str(raised.value)).group(1))
   saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
   assert all(step < bad_step for step in saved)
+  if saved:  # what was kept is good: it restores to finite parameters
+    mesh = make_mesh(config.mesh)
+    tx = make_optimizer(config.optim, config.train.num_steps)
+    _, target = create_train_state(config, mesh, tx)
+    iterator = data.train_iterator(np.arange(1000) % 256, seq_len=32, global_batch_size=4, seed=0)
+    kept = Checkpointer(workdir, max_to_keep=3, async_checkpointing=False).restore_latest(target, iterator)
+    assert int(kept.step) == saved[-1]
+    assert all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(kept.params))
 
 
 def test_model_shape_mismatch_is_one_clear_error(tmp_path, corpus_cache):
@@ -196,7 +194,7 @@ def test_model_shape_mismatch_is_one_clear_error(tmp_path, corpus_cache):
   before = {os.path.join(r, f): os.path.getmtime(os.path.join(r, f)) for r, _, fs in os.walk(checkpoints) for f in fs}
   config = smoke_config(corpus_cache, num_steps=8)
   config.model.d_model = 64
-  with pytest.raises(ValueError, match="different model shape"):
+  with pytest.raises(ValueError, match="another model"):
     train_and_evaluate(config, workdir)
   after = {os.path.join(r, f): os.path.getmtime(os.path.join(r, f)) for r, _, fs in os.walk(checkpoints) for f in fs}
   assert before == after

@@ -2,11 +2,9 @@
 
 import ml_collections
 
+from attnres_jax.config_checks import SOURCES
 from attnres_jax.data import corpus
 from attnres_jax.data.token_files import TokenSplits, open_token_files
-
-SOURCES = ("stdlib", "token_files")
-
 
 def load_splits(data_config: ml_collections.ConfigDict, vocab_size: int) -> TokenSplits:
   """Memory-maps the train and validation tokens chosen by `data_config`, checked for `vocab_size`.

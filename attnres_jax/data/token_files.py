@@ -120,7 +120,12 @@ class TokenFileWriter:
     old = f"{self._temp_dir}.old"
     if os.path.isdir(self.directory):
       os.replace(self.directory, old)
-    os.replace(self._temp_dir, self.directory)
+    try:
+      os.replace(self._temp_dir, self.directory)
+    except OSError:  # a concurrent build (another run or process) got there first
+      if (read_metadata(self.directory) or {}).get("sha256") != metadata["sha256"]:
+        raise
+      shutil.rmtree(self._temp_dir, ignore_errors=True)
     self._temp_dir = None
     shutil.rmtree(old, ignore_errors=True)
     return metadata

@@ -1,1 +1,1 @@
-"""Losses, and (later) the training loop."""
+"""Training: loss, optimiser, pure steps, sharded state, checkpoints, metrics and the loop."""

@@ -5,9 +5,9 @@ and the grain iterator's state. Orbax writes into a temporary directory and
 renames it when complete, so a killed save never shows up as a step. On resume
 the newest checkpoint that restores is used: one that fails to restore (corrupt
 or half-deleted files) is moved, not deleted, to `<workdir>/corrupt_checkpoints/`
-with a warning, and the previous one is tried. A checkpoint whose parameter
-shapes differ from the configured model is a configuration error and stops the
-run before anything is touched.
+with a warning, and the previous one is tried. A checkpoint that reads but does not fit the run
+(parameter shapes of another model, another optimiser or process count) is a
+configuration error: the run stops with a clear message and nothing is touched.
 """
 
 import logging
@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
+from jax.experimental import multihost_utils
 
 from attnres_jax.train.steps import TrainState
 
@@ -51,9 +52,14 @@ class Checkpointer:
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data_iterator)))
-      except Exception as error:  # orbax raises many types for damaged files
+      except Exception as error:  # orbax and tensorstore raise many types
+        if not _is_damaged(error):
+          raise RuntimeError(
+              f"The checkpoint at step {step} in {self.directory} is readable but does not fit this run "
+              f"(different optimiser, state structure or process count?): {type(error).__name__}: {error}. "
+              f"Nothing was moved or deleted.") from error
         moved_to = self._move_aside(step)
-        logging.warning("Checkpoint at step %d does not restore (%s: %s); moved it to %s and trying the "
+        logging.warning("Checkpoint at step %d is damaged (%s: %s); moved it to %s and trying the "
                         "previous one.", step, type(error).__name__, error, moved_to)
         continue
       return restored["state"]
@@ -74,9 +80,14 @@ class Checkpointer:
           f"config saved in the workdir (config.json) or a new --workdir; the checkpoint is left untouched.")
 
   def _move_aside(self, step: int) -> str:
-    os.makedirs(self.quarantine, exist_ok=True)
-    destination = os.path.join(self.quarantine, f"{step}-{int(time.time())}")
-    shutil.move(os.path.join(self.directory, str(step)), destination)
+    """Process 0 moves the damaged step out of the manager's directory; the others wait for it."""
+    destination = os.path.join(self.quarantine, f"{step}")
+    if jax.process_index() == 0:
+      os.makedirs(self.quarantine, exist_ok=True)
+      destination = f"{destination}-{int(time.time())}"
+      shutil.move(os.path.join(self.directory, str(step)), destination)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
     self.manager.reload()
     return destination
 
@@ -85,6 +96,13 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _is_damaged(error: Exception) -> bool:
+  """Whether a restore failed on unreadable files rather than on a mismatch with this run."""
+  message = str(error)
+  return isinstance(error, OSError) or any(
+      sign in message for sign in ("DATA_LOSS", "Error decoding", "Error reading", "NOT_FOUND", "Unexpected end"))
 
 
 def _as_dict(tree) -> dict:

@@ -8,7 +8,7 @@ from attnres_jax.residuals.schedule import BlockSchedule
 # Dense bf16 peak FLOP/s per device, by a substring of `device_kind` (vendor data sheets).
 PEAK_FLOPS = {
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-    "TPU v6": 918e12, "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
+    "TPU v6": 918e12, "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
 }
 
 
@@ -40,4 +40,5 @@ def train_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> flo
 
 def peak_flops_per_device(device: jax.Device) -> float | None:
   """The device's dense bf16 peak, or None where it is not known (e.g. CPUs)."""
-  return next((peak for kind, peak in PEAK_FLOPS.items() if kind in device.device_kind), None)
+  matches = [kind for kind in PEAK_FLOPS if kind in device.device_kind]
+  return PEAK_FLOPS[max(matches, key=len)] if matches else None

@@ -1,6 +1,7 @@
 """The training loop: data, model, optimiser, evaluation, checkpoints and metrics, resumable."""
 
 import functools
+import json
 import os
 import time
 
@@ -31,6 +32,33 @@ def load_splits_once(config: ml_collections.ConfigDict) -> data.TokenSplits:
   return splits
 
 
+def check_mesh_fits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """Every micro-batch splits evenly over the batch axes, and every process holds its own rows."""
+  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro_batch = config.data.global_batch_size // config.optim.grad_accum_steps
+  if micro_batch % batch_devices:
+    raise ValueError(f"config.data.global_batch_size={config.data.global_batch_size}: each of the "
+                     f"{config.optim.grad_accum_steps} micro-batches must split over data x fsdp = "
+                     f"{batch_devices} devices")
+  if jax.process_count() > 1 and (mesh.size != jax.device_count() or batch_devices % jax.process_count()):
+    raise ValueError(f"config.mesh: with {jax.process_count()} processes the mesh must use all "
+                     f"{jax.device_count()} devices and data x fsdp ({batch_devices}) must be a multiple of "
+                     f"the process count")
+
+
+def check_resume_matches(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """A workdir keeps one model: its saved config.json must describe the same `config.model`."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    saved = json.load(f).get("model", {})
+  differing = {k: (saved.get(k), v) for k, v in config.model.to_dict().items() if saved.get(k, v) != v}
+  if differing:
+    raise ValueError(f"{workdir} holds a run of another model; config.model differs in (saved, now): "
+                     f"{differing}. Use a new --workdir; nothing was changed.")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir` on the configured mesh, resuming from its latest checkpoint.
 
@@ -38,6 +66,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   check_run_config(config, jax.process_count())
   mesh = make_mesh(config.mesh)
+  check_mesh_fits(config, mesh)
   with activate(mesh, config.mesh.rules):
     return _train_and_evaluate(config, workdir, mesh)
 
@@ -56,6 +85,7 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, float]:
   tx = make_optimizer(config.optim, num_steps)
   graphdef, state = create_train_state(config, mesh, tx)
   os.makedirs(workdir, exist_ok=True)
+  check_resume_matches(config, workdir)
   checkpointer = Checkpointer(workdir, max_to_keep=config.train.max_to_keep,
                               async_checkpointing=config.train.async_checkpointing)
   state = checkpointer.restore_latest(state, train_iterator) or state
@@ -91,11 +121,11 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, float]:
     step, metrics = pending
     pending = None
     metrics = {name: float(value) for name, value in metrics.items()}
-    if not np.isfinite(metrics["loss"]):
+    if not all(np.isfinite(value) for value in metrics.values()):
       checkpointer.wait()
       writer.close()
       raise FloatingPointError(
-          f"Training loss is {metrics['loss']} at step {step}; stopping without saving this state. "
+          f"Non-finite training metrics at step {step} ({metrics}); stopping without saving this state. "
           f"Checkpoints kept: {checkpointer.manager.all_steps()}.")
     final["train_loss"] = metrics["loss"]
     if step % config.train.log_every == 0 or step == num_steps:
@@ -105,7 +135,7 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, float]:
       metrics.update(learning_rate=float(schedule(step - 1)), tokens_per_s=tokens_per_s)
       summary = {"loss": f"{metrics['loss']:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
       if peak:
-        metrics["mfu"] = tokens_per_s / tokens_per_step * flops_per_step / (peak * jax.device_count())
+        metrics["mfu"] = tokens_per_s / tokens_per_step * flops_per_step / (peak * mesh.size)
         summary["MFU"] = f"{100 * metrics['mfu']:.1f}%"
       writer.write(step, "train", metrics)
       writer.show(step, summary)

@@ -36,7 +36,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
     return next_token_loss(nnx.merge(graphdef, params), tokens_BxT1)
 
   def train_step(state: TrainState, tokens_BxT1: Array):
-    micro_batches_AxMxT1 = tokens_BxT1.reshape((grad_accum_steps, -1) + tokens_BxT1.shape[1:])
+    # Micro-batch a is rows a, a + A, ...: each one spans every device of the batch axes.
+    micro_batches_AxMxT1 = tokens_BxT1.reshape((-1, grad_accum_steps) + tokens_BxT1.shape[1:]).swapaxes(0, 1)
 
     def accumulate(grads, micro_batch_MxT1):
       loss, micro_grads = jax.value_and_grad(loss_fn)(state.params, micro_batch_MxT1)
