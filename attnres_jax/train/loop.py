@@ -74,6 +74,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _train_and_evaluate(config, workdir, mesh) -> dict[str, float]:
   process_index, process_count = jax.process_index(), jax.process_count()
   is_main = process_index == 0
+  os.makedirs(workdir, exist_ok=True)
+  check_resume_matches(config, workdir)
   splits = load_splits_once(config)
   to_global = functools.partial(jax.make_array_from_process_local_data, batch_sharding(mesh, config.mesh.rules))
   data_kwargs = dict(seq_len=config.data.seq_len, global_batch_size=config.data.global_batch_size,
@@ -84,8 +86,6 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, float]:
   num_steps = config.train.num_steps
   tx = make_optimizer(config.optim, num_steps)
   graphdef, state = create_train_state(config, mesh, tx)
-  os.makedirs(workdir, exist_ok=True)
-  check_resume_matches(config, workdir)
   checkpointer = Checkpointer(workdir, max_to_keep=config.train.max_to_keep,
                               async_checkpointing=config.train.async_checkpointing)
   state = checkpointer.restore_latest(state, train_iterator) or state
@@ -93,7 +93,7 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, float]:
 
   run_name = os.path.basename(os.path.abspath(workdir))
   tokens_per_step = config.data.global_batch_size * config.data.seq_len
-  flops_per_step = train_flops_per_token(config.model, config.data.seq_len) * tokens_per_step
+  flops_per_token = train_flops_per_token(config.model, config.data.seq_len)
   peak = peak_flops_per_device(jax.devices()[0])
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -135,7 +135,7 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, float]:
       metrics.update(learning_rate=float(schedule(step - 1)), tokens_per_s=tokens_per_s)
       summary = {"loss": f"{metrics['loss']:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
       if peak:
-        metrics["mfu"] = tokens_per_s / tokens_per_step * flops_per_step / (peak * mesh.size)
+        metrics["mfu"] = tokens_per_s * flops_per_token / (peak * mesh.size)
         summary["MFU"] = f"{100 * metrics['mfu']:.1f}%"
       writer.write(step, "train", metrics)
       writer.show(step, summary)
