@@ -3,6 +3,7 @@
 from collections.abc import Mapping
 from typing import Any
 
+from attnres_jax.kernels.depth_attention_op import IMPLS
 from attnres_jax.residuals.remat import REMAT_POLICIES
 from attnres_jax.train.optim import SCHEDULES
 
@@ -45,6 +46,8 @@ def check_model_config(model: Mapping[str, Any]) -> None:
       _fail(field, model[field], f"must be one of {DTYPES}")
   if model["remat"] not in REMAT_POLICIES:
     _fail("remat", model["remat"], f"must be one of {REMAT_POLICIES}")
+  if model["depth_attention_impl"] not in IMPLS:
+    _fail("depth_attention_impl", model["depth_attention_impl"], f"must be one of {IMPLS}")
   for field in ("norm_eps", "init_std", "embed_init_std", "rope_theta"):
     if not model[field] > 0:
       _fail(field, model[field], "must be > 0")

@@ -22,10 +22,13 @@ import math
 from collections.abc import Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
+
+from attnres_jax import axes
 
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
@@ -113,3 +116,41 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   mesh, rules = _active[-1]
   spec = logical_to_spec(names, x.shape, rules, dict(mesh.shape))
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def map_batch_shards(fn, batched: Sequence[jax.Array], batch_dims: Sequence[int], replicated: Sequence[jax.Array],
+                     out_batch_dims: Sequence[int]):
+  """`fn(*batched, *replicated)`, run per device on its batch shard when a mesh is active.
+
+  For kernels GSPMD cannot partition (a Pallas call would otherwise be
+  gathered onto every device). `batched[i]` is split over the mesh axes of
+  `batch` along `batch_dims[i]`, and so are the outputs along `out_batch_dims`.
+  `replicated` inputs are tiled over a leading shard axis, so that autodiff sums
+  their per-shard cotangents. Outside `activate`, or when the batch does not
+  divide, `fn` runs as is.
+  """
+  mesh_axes = _batch_mesh_axes()
+  num_shards = math.prod(_active[-1][0].shape[a] for a in mesh_axes) if mesh_axes else 1
+  if num_shards == 1 or any(x.shape[d] % num_shards for x, d in zip(batched, batch_dims)):
+    return fn(*batched, *replicated)
+  along = lambda ndim, dim: PartitionSpec(*[mesh_axes if i == dim else None for i in range(ndim)])
+  tiled = [jnp.broadcast_to(x, (num_shards,) + jnp.shape(x)) for x in replicated]
+
+  def local(*args):
+    return fn(*args[:len(batched)], *(x[0] for x in args[len(batched):]))
+
+  in_specs = tuple(along(x.ndim, d) for x, d in zip(batched, batch_dims)) + tuple(along(x.ndim, 0) for x in tiled)
+  out_shapes = jax.eval_shape(fn, *batched, *replicated)
+  out_specs = jax.tree.map(lambda s, d: along(len(s.shape), d), out_shapes, tuple(out_batch_dims))
+  return jax.shard_map(local, mesh=_active[-1][0], in_specs=in_specs, out_specs=out_specs, check_vma=False)(
+      *batched, *tiled)
+
+
+def _batch_mesh_axes() -> tuple[str, ...]:
+  """The mesh axes (of size > 1) that the active rules give the batch axis; () outside `activate`."""
+  if _active[-1] is None:
+    return ()
+  mesh, rules = _active[-1]
+  mapped = rules.get(axes.BATCH)
+  mapped = (mapped,) if isinstance(mapped, str) else tuple(mapped or ())
+  return tuple(a for a in mapped if mesh.shape[a] > 1)

@@ -29,6 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.dtype = "float32"  # activation dtype: float32 | bfloat16 (depth softmax always >= float32)
   model.param_dtype = "float32"  # parameter storage dtype: float32 | bfloat16
   model.remat = "full"  # activation rematerialisation: none | full | save_dots
+  # Depth attention over sealed blocks: xla (jnp reference) | pallas (TPU/GPU kernel) | pallas_interpret (CPU)
+  model.depth_attention_impl = "xla"
 
   config.data = data = ml_collections.ConfigDict()
   data.source = "stdlib"  # stdlib (this interpreter's standard library, bytes) | token_files

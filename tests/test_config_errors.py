@@ -18,6 +18,7 @@ CASES = [
     (dict(dtype="float16"), "dtype"),
     (dict(param_dtype="int8"), "param_dtype"),
     (dict(remat="everything"), "remat"),
+    (dict(depth_attention_impl="cuda"), "depth_attention_impl"),
     (dict(norm_eps=0.0), "norm_eps"),
     (dict(init_std=-1.0), "init_std"),
 ]

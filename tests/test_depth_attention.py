@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from attnres_jax import depth_attention
-from attnres_jax.residuals.depth_attention import attend, inverse_rms, merge_source
+from attnres_jax.kernels.depth_attention_reference import attend, inverse_rms, merge_source
 
 
 def naive_depth_attention(sources, query, gain, eps, mask):

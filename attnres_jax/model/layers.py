@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnres_jax import axes
-from attnres_jax.residuals.depth_attention import compute_dtype
+from attnres_jax.kernels.depth_attention_reference import compute_dtype
 from attnres_jax.sharding import constrain
 
 Array = jax.Array

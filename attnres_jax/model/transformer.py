@@ -90,6 +90,7 @@ class Transformer(nnx.Module):
     self.rope_theta = config.rope_theta
     self.norm_eps = config.norm_eps
     self.remat = config.remat
+    self.depth_attention_impl = config.depth_attention_impl
     self.dtype = jnp.dtype(config.dtype)
     param_dtype = jnp.dtype(config.param_dtype)
     self.embedding = normal_param(rngs, (config.vocab_size, config.d_model), config.embed_init_std,
@@ -130,10 +131,11 @@ class Transformer(nnx.Module):
                                     collect_stats=return_stats)
     else:
       gains, output_gain = self.depth.gains()
-      state, stats = attnres_loop(sublayers, self.schedule(), self.remat, self.norm_eps, return_stats,
+      state, stats = attnres_loop(sublayers, self.schedule(), self.remat, self.norm_eps, self.depth_attention_impl,
+                                  return_stats,
                                   layer_params, self.depth.pseudo_query[...], gains, x_BxTxD, rope)
-      h_BxTxD, output_weights = output_mix(state, self.depth.output_query[...], output_gain,
-                                           self.norm_eps, with_weights=return_stats)
+      h_BxTxD, output_weights = output_mix(state, self.depth.output_query[...], output_gain, self.norm_eps,
+                                           self.depth_attention_impl, with_weights=return_stats)
       if return_stats:
         stats["output_depth_weights"] = output_weights
     h_BxTxD = self.final_norm(h_BxTxD)

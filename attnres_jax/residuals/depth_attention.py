@@ -1,80 +1,14 @@
-"""Softmax attention over depth: one pseudo-query against a set of sources.
+"""The AttnRes mixing rule as one public function (`attnres-spec.md` section 2).
 
-Implements `attnres-spec.md` section 2 (key RMSNorm, logits, softmax, weighted sum)
-and the log-sum-exp merge of section 6. Everything runs in float32 (float64 for
-float64 inputs) whatever the source dtype (convention, section 2): logits `s_i = (v_i . (w * g)) / rms(v_i)`,
-no 1/sqrt(d) scale, softmax over the source axis only.
-
-The key norm is kept as one inverse-RMS scalar per source and token, so keys are
-never materialised: `RMSNorm(v) . w = (v . (w * g)) * inv_rms(v)`.
+The math lives in `attnres_jax.kernels.depth_attention_reference`.
 """
 
 import jax
 import jax.numpy as jnp
 
+from attnres_jax.kernels.depth_attention_reference import attend, compute_dtype, inverse_rms
+
 Array = jax.Array
-
-
-def compute_dtype(dtype) -> jnp.dtype:
-  """float32, or wider if the inputs are wider: the precision of all depth mixing."""
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-def inverse_rms(x_MxD: Array, eps: float) -> Array:
-  """1 / sqrt(mean(x^2) + eps) over the last axis, in `compute_dtype`."""
-  x32 = x_MxD.astype(compute_dtype(x_MxD.dtype))
-  return jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1) + eps)
-
-
-def attend(
-    sources_SxMxD: Array,
-    inv_rms_SxM: Array,
-    query_gain_D: Array,
-    mask_SxM: Array | None = None,
-) -> tuple[Array, Array, Array]:
-  """Depth attention of one (gain-folded) query over `S` sources.
-
-  `M` stands for any number of token axes. Returns the normalised mixture
-  `[M, d]`, the log-sum-exp of the logits `[M]` (phase-1 statistics of spec
-  section 6, enough to merge more sources exactly later) and the softmax
-  weights `[S, M]`, all in `compute_dtype`. Masked sources get weight 0; a
-  token with every source masked gets a zero mixture and lse = -inf, which
-  `merge_source` turns into the merged source alone (gradients stay finite).
-  """
-  dtype = compute_dtype(sources_SxMxD.dtype)
-  query_gain_D = query_gain_D.astype(dtype)
-  logits_SxM = jnp.einsum(
-      "s...d,d->s...", sources_SxMxD, query_gain_D, preferred_element_type=dtype
-  ) * inv_rms_SxM
-  if mask_SxM is not None:
-    logits_SxM = jnp.where(mask_SxM, logits_SxM, -jnp.inf)
-  max_M = jax.lax.stop_gradient(jnp.max(logits_SxM, axis=0))
-  max_M = jnp.where(jnp.isfinite(max_M), max_M, 0.0)
-  exp_SxM = jnp.exp(logits_SxM - max_M)
-  denominator_M = jnp.sum(exp_SxM, axis=0)
-  any_source_M = denominator_M > 0
-  safe_denominator_M = jnp.where(any_source_M, denominator_M, 1.0)
-  lse_M = jnp.where(any_source_M, jnp.log(safe_denominator_M) + max_M, -jnp.inf)
-  weights_SxM = exp_SxM / safe_denominator_M
-  mixture_MxD = jnp.einsum(
-      "s...,s...d->...d", weights_SxM, sources_SxMxD, preferred_element_type=dtype
-  )
-  return mixture_MxD, lse_M, weights_SxM
-
-
-def merge_source(
-    mixture_MxD: Array, lse_M: Array, source_MxD: Array, logit_M: Array
-) -> tuple[Array, Array]:
-  """Adds one more source to a finished softmax by its log-sum-exp (spec section 6).
-
-  `exp(lse)` is the softmax denominator of the sources already mixed, so the new
-  source's weight is `e^s / (e^lse + e^s) = sigmoid(s - lse)`: the online-softmax
-  merge without the running maximum. Returns the merged mixture and the new
-  source's weight `[M]`.
-  """
-  weight_M = jax.nn.sigmoid(logit_M - lse_M)
-  merged_MxD = mixture_MxD + weight_M[..., None] * (source_MxD.astype(mixture_MxD.dtype) - mixture_MxD)
-  return merged_MxD, weight_M
 
 
 def depth_attention(

@@ -8,16 +8,16 @@ Memory design (the measured one of `stack-notes.md`, "Memory of the depth
 loop"): the sealed-source buffer `[N, B, T, d]` is append-only, so autodiff of a
 plain scan would save it once per layer, O(L N d). Instead the whole scan has a
 `jax.custom_vjp`:
-- forward: a scan whose carry is the buffer, one inverse RMS per slot (the key
-  norm without materialised keys) and the partial sum. It stores the partial
+- forward: a scan whose carry is the buffer and the partial sum. It stores the partial
   entering a layer only when the buffer cannot give it back (a layer whose first
   sublayer starts a block seals it into the buffer; for Full AttnRes that is
   every layer, so nothing is stored).
 - backward: a reverse scan that re-reads the final buffer (every slot a layer
   read was final when it was read; later slots are masked), replays the layer
   and carries the buffer's cotangent.
-A sublayer's input is the softmax over the slots sealed before it, merged by
-log-sum-exp with the partial sum entering it (at a block start, the block being
+A sublayer's input is the softmax over the slots sealed before it (the batched
+op of `attnres_jax.kernels`, `depth_attention_impl` choosing the jnp reference
+or the Pallas kernel), merged by log-sum-exp with the partial sum entering it (at a block start, the block being
 sealed): the spec's "mix, then seal" order. So the backward replay only reads
 the loop-invariant final buffer; a replay that wrote the seal into it would copy
 the buffer every step (measured at 32 sublayers, BTd = 1 MiB: temp memory 1.55x
@@ -38,39 +38,58 @@ import jax
 import jax.numpy as jnp
 
 from attnres_jax import axes
-from attnres_jax.residuals.depth_attention import attend, compute_dtype, inverse_rms, merge_source
+from attnres_jax.kernels.depth_attention_op import batched_depth_attention, fold_gains
+from attnres_jax.kernels.depth_attention_reference import attend, inverse_rms, merge_source
 from attnres_jax.residuals.remat import checkpointed
 from attnres_jax.residuals.schedule import BlockSchedule
 from attnres_jax.residuals.types import Array, PyTree, SublayerFn, rms, stack_sublayers
-from attnres_jax.sharding import constrain
+from attnres_jax.sharding import constrain, map_batch_shards
 
 
 class DepthState(NamedTuple):
   """What a sublayer can attend to: sealed blocks b_0..b_{N-1} and the open partial sum."""
 
   sources_NxBxTxD: Array
-  inv_rms_NxBxT: Array  # 1 / rms of each sealed slot (compute_dtype)
   partial_BxTxD: Array
 
 
-def _query_gain(query_D: Array, gain_D: Array, source_dtype) -> Array:
-  """The key-norm gain folded into the query, `w * g` (spec section 2)."""
-  dtype = compute_dtype(source_dtype)
-  return query_D.astype(dtype) * gain_D.astype(dtype)
+def _slot_attention(query_D: Array, gain_D: Array, sources_NxBxTxD: Array, num_visible: Array, *, eps: float,
+                    impl: str) -> tuple[Array, Array]:
+  """One query over the first `num_visible` slots: mixture `[B, T, d]` and log-sum-exp `[B, T]`.
 
-
-def _mix(query_gain_D, sources_NxBxTxD, inv_rms_NxBxT, visible_N, partial_BxTxD, inv_partial_BxT):
-  """Softmax over the visible sealed slots and one more source (spec sections 2, 6).
-
-  Returns `h`, the slot weights `[N, B, T]` and the extra source's weight `[B, T]`.
+  The batched op of `attnres_jax.kernels` with the implementation `impl`; a
+  Pallas kernel runs per device on its batch shard.
   """
-  if visible_N is not None:
-    visible_N = visible_N.reshape(visible_N.shape + (1,) * (partial_BxTxD.ndim - 1))
-  mixture_BxTxD, lse_BxT, weights_NxBxT = attend(sources_NxBxTxD, inv_rms_NxBxT, query_gain_D, visible_N)
-  logit_BxT = jnp.einsum(
-      "...d,d->...", partial_BxTxD, query_gain_D, preferred_element_type=query_gain_D.dtype) * inv_partial_BxT
-  h_BxTxD, weight_BxT = merge_source(mixture_BxTxD, lse_BxT, partial_BxTxD, logit_BxT)
-  return h_BxTxD.astype(partial_BxTxD.dtype), weights_NxBxT * (1.0 - weight_BxT), weight_BxT
+  def attend_slots(sources_NxBxTxD, query_D, gain_D, num_visible):
+    num_slots, batch, length, width = sources_NxBxTxD.shape
+    mixtures_1xMxD, lse_1xM = batched_depth_attention(
+        sources_NxBxTxD.reshape(num_slots, batch * length, width), num_visible, query_D[None], gain_D[None],
+        eps, impl)
+    return mixtures_1xMxD.reshape(batch, length, width), lse_1xM.reshape(batch, length)
+
+  if impl == "xla":
+    return attend_slots(sources_NxBxTxD, query_D, gain_D, num_visible)
+  return map_batch_shards(attend_slots, (sources_NxBxTxD,), (1,), (query_D, gain_D, num_visible), (0, 0))
+
+
+def _mix(query_D, gain_D, sources_NxBxTxD, num_visible, partial_BxTxD, *, eps, impl, with_weights=False):
+  """Softmax over the visible sealed slots and the partial sum (spec sections 2, 6).
+
+  The slots' mixture and log-sum-exp come from the batched op; the partial is
+  merged into them by log-sum-exp. Returns `h` and, if `with_weights`, the slot
+  weights `[N, B, T]` and the partial's weight `[B, T]` (recomputed in jnp).
+  """
+  mixture_BxTxD, lse_BxT = _slot_attention(query_D, gain_D, sources_NxBxTxD, num_visible, eps=eps, impl=impl)
+  query_gain_D = fold_gains(query_D[None], gain_D[None], partial_BxTxD.dtype)[0]
+  logit_BxT = jnp.einsum("...d,d->...", partial_BxTxD, query_gain_D, precision=jax.lax.Precision.HIGHEST,
+                         preferred_element_type=query_gain_D.dtype) * inverse_rms(partial_BxTxD, eps)
+  h_BxTxD, weight_BxT = merge_source(mixture_BxTxD.astype(query_gain_D.dtype), lse_BxT, partial_BxTxD, logit_BxT)
+  h_BxTxD = h_BxTxD.astype(partial_BxTxD.dtype)
+  if not with_weights:
+    return h_BxTxD, None, None
+  visible = (jnp.arange(sources_NxBxTxD.shape[0]) < num_visible).reshape((-1,) + (1,) * (partial_BxTxD.ndim - 1))
+  _, _, slot_weights_NxBxT = attend(sources_NxBxTxD, inverse_rms(sources_NxBxTxD, eps), query_gain_D, visible)
+  return h_BxTxD, slot_weights_NxBxT * (1.0 - weight_BxT), weight_BxT
 
 
 def _token_mean(x: Array) -> Array:
@@ -81,57 +100,53 @@ def sublayer_input(
     query_D: Array,
     gain_D: Array,
     sources_NxBxTxD: Array,
-    inv_rms_NxBxT: Array,
     partial_BxTxD: Array,
     *,
     starts_block: Array,
     slot: Array,
     eps: float,
+    impl: str,
     with_weights: bool = False,
-) -> tuple[Array, Array, Array | None]:
+) -> tuple[Array, Array | None]:
   """`h = mix(blocks + [partial])` before sublayer `l` (spec section 4), before any seal.
 
   The buffer is only read: the sublayer sees the slots sealed before it
   (`0..slot-1` if it starts block `slot`, else `0..slot`) and the partial sum,
-  which at a block start is the block being sealed. Returns `h`, the partial's
-  inverse RMS (the seal stores it) and, if `with_weights`, the token-averaged
-  weights `[N + 1]` as they will be indexed after the seal (slots, then partial).
+  which at a block start is the block being sealed. Returns `h` and, if
+  `with_weights`, the token-averaged weights `[N + 1]` as they will be indexed
+  after the seal (slots, then partial).
   """
   num_slots = sources_NxBxTxD.shape[0]
-  inv_partial_BxT = inverse_rms(partial_BxTxD, eps)
-  visible_N = jnp.arange(num_slots) < jnp.where(starts_block, slot, slot + 1)
   h_BxTxD, slot_weights_NxBxT, partial_weight_BxT = _mix(
-      _query_gain(query_D, gain_D, partial_BxTxD.dtype), sources_NxBxTxD, inv_rms_NxBxT, visible_N,
-      partial_BxTxD, inv_partial_BxT)
+      query_D, gain_D, sources_NxBxTxD, jnp.where(starts_block, slot, slot + 1), partial_BxTxD, eps=eps,
+      impl=impl, with_weights=with_weights)
   if not with_weights:
-    return h_BxTxD, inv_partial_BxT, None
+    return h_BxTxD, None
   mean_weights = jnp.append(_token_mean(slot_weights_NxBxT), 0.0)
   mean_weights = mean_weights.at[jnp.where(starts_block, slot, num_slots)].add(_token_mean(partial_weight_BxT))
-  return h_BxTxD, inv_partial_BxT, mean_weights
+  return h_BxTxD, mean_weights
 
 
-def seal(state: DepthState, inv_partial_BxT: Array, *, starts_block: Array, slot: Array) -> DepthState:
+def seal(state: DepthState, *, starts_block: Array, slot: Array) -> DepthState:
   """At a block start the partial sum becomes `b_slot` and restarts from zero (spec section 4).
 
   Writes in place; elsewhere the slot is rewritten with its own value.
   """
-  slot_value = lambda x: jax.lax.dynamic_index_in_dim(x, slot, keepdims=False)
-  sealed_BxTxD = jnp.where(starts_block, state.partial_BxTxD, slot_value(state.sources_NxBxTxD))
-  sealed_inv_BxT = jnp.where(starts_block, inv_partial_BxT, slot_value(state.inv_rms_NxBxT))
+  slot_value = jax.lax.dynamic_index_in_dim(state.sources_NxBxTxD, slot, keepdims=False)
+  sealed_BxTxD = jnp.where(starts_block, state.partial_BxTxD, slot_value)
   return DepthState(
       jax.lax.dynamic_update_index_in_dim(state.sources_NxBxTxD, sealed_BxTxD, slot, 0),
-      jax.lax.dynamic_update_index_in_dim(state.inv_rms_NxBxT, sealed_inv_BxT, slot, 0),
       jnp.where(starts_block, jnp.zeros_like(state.partial_BxTxD), state.partial_BxTxD),
   )
 
 
 def output_mix(
-    state: DepthState, query_D: Array, gain_D: Array, eps: float, with_weights: bool = False
+    state: DepthState, query_D: Array, gain_D: Array, eps: float, impl: str, with_weights: bool = False
 ) -> tuple[Array, Array | None]:
   """The output query over all blocks and the trailing partial sum (spec section 5)."""
   h_BxTxD, slot_weights_NxBxT, partial_weight_BxT = _mix(
-      _query_gain(query_D, gain_D, state.partial_BxTxD.dtype), state.sources_NxBxTxD, state.inv_rms_NxBxT,
-      None, state.partial_BxTxD, inverse_rms(state.partial_BxTxD, eps))
+      query_D, gain_D, state.sources_NxBxTxD, state.sources_NxBxTxD.shape[0], state.partial_BxTxD, eps=eps,
+      impl=impl, with_weights=with_weights)
   if not with_weights:
     return h_BxTxD, None
   return h_BxTxD, jnp.append(_token_mean(slot_weights_NxBxT), _token_mean(partial_weight_BxT))
@@ -143,8 +158,6 @@ def initial_state(embedding_BxTxD: Array, num_slots: int) -> DepthState:
   return DepthState(
       constrain(jnp.zeros((num_slots,) + embedding_BxTxD.shape, embedding_BxTxD.dtype),
                 (None, *tokens, axes.ACTIVATION_EMBED)),
-      constrain(jnp.zeros((num_slots,) + embedding_BxTxD.shape[:-1], compute_dtype(embedding_BxTxD.dtype)),
-                (None, *tokens)),
       embedding_BxTxD,
   )
 
@@ -154,7 +167,7 @@ def _schedule_inputs(schedule: BlockSchedule) -> tuple[Array, Array, Array]:
           jnp.asarray(schedule.saved_partial_index()))
 
 
-def _forward(sublayers, schedule, remat, eps, collect_stats, save_residuals,
+def _forward(sublayers, schedule, remat, eps, impl, collect_stats, save_residuals,
              layer_params, queries_LxKxD, gains_LxKxD, embedding_BxTxD, consts):
   keep_sublayer_vjps = save_residuals and remat != "full"
   num_saved = schedule.num_saved_partials if save_residuals else 0
@@ -169,10 +182,10 @@ def _forward(sublayers, schedule, remat, eps, collect_stats, save_residuals,
       saved_PxBxTxD = jax.lax.dynamic_update_index_in_dim(saved_PxBxTxD, kept, index, 0)
     sublayer_vjps, outputs, stats = [], [], []
     for k, sublayer in enumerate(sublayers):
-      h_BxTxD, inv_partial_BxT, mean_weights = sublayer_input(
+      h_BxTxD, mean_weights = sublayer_input(
           queries_KxD[k], gains_KxD[k], *state, starts_block=starts_block_K[k], slot=slot_K[k], eps=eps,
-          with_weights=collect_stats)
-      state = seal(state, inv_partial_BxT, starts_block=starts_block_K[k], slot=slot_K[k])
+          impl=impl, with_weights=collect_stats)
+      state = seal(state, starts_block=starts_block_K[k], slot=slot_K[k])
       if keep_sublayer_vjps:
         out_BxTxD, sublayer_vjp = jax.vjp(checkpointed(sublayer, remat), params, consts, h_BxTxD)
         sublayer_vjps.append(sublayer_vjp)
@@ -198,12 +211,13 @@ def _flatten_stats(stats) -> dict[str, Array]:
           "depth_weights": stack_sublayers(weights)}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
 def attnres_loop(
     sublayers: tuple[SublayerFn, ...],
     schedule: BlockSchedule,
     remat: str,
     eps: float,
+    impl: str,
     collect_stats: bool,
     layer_params: PyTree,
     queries_LxKxD: Array,
@@ -219,33 +233,31 @@ def attnres_loop(
   The statistics (if `collect_stats`: `input_rms`, `output_rms` `[L]` and the
   token-averaged `depth_weights` `[L, N + 1]`) carry no gradient.
   """
-  state, stats, _ = _forward(sublayers, schedule, remat, eps, collect_stats, False,
+  state, stats, _ = _forward(sublayers, schedule, remat, eps, impl, collect_stats, False,
                              layer_params, queries_LxKxD, gains_LxKxD, embedding_BxTxD, consts)
   return state, stats
 
 
-def _attnres_loop_fwd(sublayers, schedule, remat, eps, collect_stats,
+def _attnres_loop_fwd(sublayers, schedule, remat, eps, impl, collect_stats,
                       layer_params, queries_LxKxD, gains_LxKxD, embedding_BxTxD, consts):
-  state, stats, saved = _forward(sublayers, schedule, remat, eps, collect_stats, True,
+  state, stats, saved = _forward(sublayers, schedule, remat, eps, impl, collect_stats, True,
                                  layer_params, queries_LxKxD, gains_LxKxD, embedding_BxTxD, consts)
   return (state, stats), (layer_params, queries_LxKxD, gains_LxKxD, consts, state, saved)
 
 
-def _replay_sublayer_input(query_D, gain_D, sources_NxBxTxD, inv_rms_NxBxT, partial_BxTxD, *,
-                           starts_block, slot, eps):
+def _replay_sublayer_input(query_D, gain_D, sources_NxBxTxD, partial_BxTxD, *, starts_block, slot, eps, impl):
   """`sublayer_input` and the seal as a pure function of a read-only buffer, for `jax.vjp`.
 
-  Returns h, the partial after the seal, and what the seal writes (the partial
-  and its inverse RMS), whose cotangents the caller reads from the buffer's.
+  Returns h, the partial after the seal, and what the seal writes (the partial),
+  whose cotangent the caller reads from the buffer's.
   """
-  h_BxTxD, inv_partial_BxT, _ = sublayer_input(
-      query_D, gain_D, sources_NxBxTxD, inv_rms_NxBxT, partial_BxTxD, starts_block=starts_block, slot=slot,
-      eps=eps)
+  h_BxTxD, _ = sublayer_input(query_D, gain_D, sources_NxBxTxD, partial_BxTxD, starts_block=starts_block,
+                              slot=slot, eps=eps, impl=impl)
   partial_after_BxTxD = jnp.where(starts_block, jnp.zeros_like(partial_BxTxD), partial_BxTxD)
-  return h_BxTxD, partial_after_BxTxD, partial_BxTxD, inv_partial_BxT
+  return h_BxTxD, partial_after_BxTxD, partial_BxTxD
 
 
-def _attnres_loop_bwd(sublayers, schedule, remat, eps, collect_stats, residuals, cotangents):
+def _attnres_loop_bwd(sublayers, schedule, remat, eps, impl, collect_stats, residuals, cotangents):
   layer_params, queries_LxKxD, gains_LxKxD, consts, final, saved = residuals
   saved_PxBxTxD, sublayer_vjps, outputs = saved
   ct_final, _ = cotangents  # statistics carry no gradient
@@ -260,9 +272,10 @@ def _attnres_loop_bwd(sublayers, schedule, remat, eps, collect_stats, residuals,
       partial_BxTxD = jnp.where(saved_index >= 0, stored, partial_BxTxD)
     mix_vjps, sublayer_vjps_k = [], []
     for k, sublayer in enumerate(sublayers):  # replay the layer forward
-      replay = functools.partial(_replay_sublayer_input, starts_block=starts_block_K[k], slot=slot_K[k], eps=eps)
-      (h_BxTxD, partial_BxTxD, _, _), mix_vjp = jax.vjp(
-          replay, queries_KxD[k], gains_KxD[k], final.sources_NxBxTxD, final.inv_rms_NxBxT, partial_BxTxD)
+      replay = functools.partial(_replay_sublayer_input, starts_block=starts_block_K[k], slot=slot_K[k], eps=eps,
+                                 impl=impl)
+      (h_BxTxD, partial_BxTxD, _), mix_vjp = jax.vjp(
+          replay, queries_KxD[k], gains_KxD[k], final.sources_NxBxTxD, partial_BxTxD)
       mix_vjps.append(mix_vjp)
       if remat == "full":
         out_BxTxD, sublayer_vjp = jax.vjp(sublayer, params, consts, h_BxTxD)
@@ -271,17 +284,16 @@ def _attnres_loop_bwd(sublayers, schedule, remat, eps, collect_stats, residuals,
       sublayer_vjps_k.append(sublayer_vjp)
       if k < num_sublayers - 1:
         partial_BxTxD = partial_BxTxD + out_BxTxD
-    ct_sources, ct_inv_rms, ct_partial = ct_state
+    ct_sources, ct_partial = ct_state
     ct_params, ct_queries, ct_gains = None, [None] * num_sublayers, [None] * num_sublayers
     for k in reversed(range(num_sublayers)):  # then back through it
       d_params, d_consts, ct_h_BxTxD = sublayer_vjps_k[k](ct_partial)
       ct_params = d_params if ct_params is None else jax.tree.map(jnp.add, ct_params, d_params)
       ct_consts = jax.tree.map(jnp.add, ct_consts, d_consts)
       sealed = lambda ct: jnp.where(starts_block_K[k], jax.lax.dynamic_index_in_dim(ct, slot_K[k], keepdims=False), 0)
-      ct_queries[k], ct_gains[k], d_sources, d_inv_rms, ct_partial = mix_vjps[k](
-          (ct_h_BxTxD, ct_partial, sealed(ct_sources), sealed(ct_inv_rms)))
-      ct_sources, ct_inv_rms = ct_sources + d_sources, ct_inv_rms + d_inv_rms
-    ct_state = DepthState(ct_sources, ct_inv_rms, ct_partial)
+      ct_queries[k], ct_gains[k], d_sources, ct_partial = mix_vjps[k]((ct_h_BxTxD, ct_partial, sealed(ct_sources)))
+      ct_sources = ct_sources + d_sources
+    ct_state = DepthState(ct_sources, ct_partial)
     return (ct_state, ct_consts), (ct_params, jnp.stack(ct_queries), jnp.stack(ct_gains))
 
   xs = (layer_params, queries_LxKxD, gains_LxKxD) + _schedule_inputs(schedule) + (sublayer_vjps, outputs)

@@ -1,0 +1,1 @@
+"""Depth attention over a set of sources: jnp reference, Pallas kernel, and the op choosing between them."""
