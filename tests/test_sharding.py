@@ -55,11 +55,10 @@ def test_one_train_step_on_a_mesh_equals_one_device(residual):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=str(mesh_shape))
 
 
-@pytest.mark.parametrize("mesh_shape", [(4, 1, 2), (2, 2, 1)])
-def test_pallas_kernel_runs_per_batch_shard_and_equals_xla_on_one_device(mesh_shape):
+def test_pallas_kernel_runs_per_batch_shard_and_equals_xla_on_one_device():
   """The kernel is mapped over batch shards (GSPMD cannot split a Pallas call); the query gradients are summed."""
   want_loss, want_params = one_step((1, 1, 1), "block")
-  loss, params = one_step(mesh_shape, "block", depth_attention_impl="pallas_interpret")
+  loss, params = one_step((2, 2, 2), "block", depth_attention_impl="pallas_interpret")
   np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
   for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(want_params)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
