@@ -48,6 +48,10 @@ def check_model_config(model: Mapping[str, Any]) -> None:
     _fail("remat", model["remat"], f"must be one of {REMAT_POLICIES}")
   if model["depth_attention_impl"] not in IMPLS:
     _fail("depth_attention_impl", model["depth_attention_impl"], f"must be one of {IMPLS}")
+  if not isinstance(model["two_phase"], bool):
+    _fail("two_phase", model["two_phase"], "must be True or False")
+  if model["two_phase"] and model["residual"] == "prenorm":
+    _fail("two_phase", True, "applies to AttnRes only (residual=full or block), not prenorm")
   for field in ("norm_eps", "init_std", "embed_init_std", "rope_theta"):
     if not model[field] > 0:
       _fail(field, model[field], "must be > 0")

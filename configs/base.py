@@ -31,6 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.remat = "full"  # activation rematerialisation: none | full | save_dots
   # Depth attention over sealed blocks: xla (jnp reference) | pallas (TPU/GPU kernel) | pallas_interpret (CPU)
   model.depth_attention_impl = "xla"
+  # AttnRes: answer all queries of a block at its start, then merge each partial sum (spec section 6)
+  model.two_phase = False
 
   config.data = data = ml_collections.ConfigDict()
   data.source = "stdlib"  # stdlib (this interpreter's standard library, bytes) | token_files

@@ -1,4 +1,4 @@
-"""Step time, compile time and compiled temp memory of PreNorm, Full and Block AttnRes.
+"""Step time, compile time and compiled temp memory of PreNorm, Full and Block AttnRes (direct and two-phase).
 
 Each row is one fwd+bwd step (`value_and_grad` of the next-token loss, remat as
 configured) at one depth and width; ratios are against `prenorm` at the same
@@ -22,10 +22,14 @@ from attnres_jax.train.loss import next_token_loss
 from configs import base
 
 
-def model_config(residual: str, num_sublayers: int, d_model: int, num_blocks: int, remat: str):
+VARIANTS = {"prenorm": dict(residual="prenorm"), "full": dict(residual="full"), "block": dict(residual="block"),
+            "block_two_phase": dict(residual="block", two_phase=True)}
+
+
+def model_config(variant: str, num_sublayers: int, d_model: int, num_blocks: int, remat: str):
   config = base.get_config().model
   config.update(dict(
-      residual=residual, num_layers=num_sublayers // 2, d_model=d_model, num_heads=d_model // 64,
+      **VARIANTS[variant], num_layers=num_sublayers // 2, d_model=d_model, num_heads=d_model // 64,
       num_kv_heads=d_model // 64, d_ff=-(-8 * d_model // 3 // 64) * 64, remat=remat,
       block_size=max(1, num_sublayers // num_blocks)))
   return config
@@ -51,7 +55,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--sublayers", default="8,16,32", help="comma-separated sublayer counts L")
   parser.add_argument("--d_models", default="256,512")
-  parser.add_argument("--residuals", default="prenorm,full,block")
+  parser.add_argument("--residuals", default="prenorm,full,block,block_two_phase", help=f"of {list(VARIANTS)}")
   parser.add_argument("--num_blocks", type=int, default=8, help="Block AttnRes N; S = L // N")
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--seq_len", type=int, default=128)
@@ -59,8 +63,8 @@ def main():
   parser.add_argument("--remat", default="full", choices=["none", "full", "save_dots"])
   args = parser.parse_args()
   residuals = args.residuals.split(",")
-  if residuals[0] != "prenorm":
-    raise SystemExit("--residuals must start with prenorm (the baseline of the ratios)")
+  if residuals[0] != "prenorm" or not set(residuals) <= set(VARIANTS):
+    raise SystemExit(f"--residuals must start with prenorm (the baseline of the ratios) and name only {list(VARIANTS)}")
   print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, batch {args.batch}, seq_len {args.seq_len}, "
         f"remat {args.remat}, Block N = {args.num_blocks}")
   header = "| L | d | residual | S | step ms | x base | compile s | x base | temp MiB | x base |"

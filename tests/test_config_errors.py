@@ -19,6 +19,7 @@ CASES = [
     (dict(param_dtype="int8"), "param_dtype"),
     (dict(remat="everything"), "remat"),
     (dict(depth_attention_impl="cuda"), "depth_attention_impl"),
+    (dict(residual="prenorm", two_phase=True), "two_phase"),
     (dict(norm_eps=0.0), "norm_eps"),
     (dict(init_std=-1.0), "init_std"),
 ]

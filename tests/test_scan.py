@@ -22,8 +22,8 @@ def count_equations(jaxpr) -> int:
   return total
 
 
-def traced_size(residual, num_layers):
-  model = make_model(residual, num_layers=num_layers, block_size=4)
+def traced_size(residual, num_layers, two_phase):
+  model = make_model(residual, num_layers=num_layers, block_size=4, two_phase=two_phase)
   graphdef, params = nnx.split(model)
   loss = lambda p, tokens: next_token_loss(nnx.merge(graphdef, p), tokens)
   tokens = random_tokens()
@@ -32,8 +32,9 @@ def traced_size(residual, num_layers):
   return count_equations(forward), count_equations(backward)
 
 
-@pytest.mark.parametrize("residual", ["prenorm", "full", "block"])
-def test_traced_program_is_flat_in_depth(residual):
-  shallow, deep = traced_size(residual, 4), traced_size(residual, 16)
+@pytest.mark.parametrize("residual,two_phase", [("prenorm", False), ("full", False), ("block", False),
+                                                ("block", True)])
+def test_traced_program_is_flat_in_depth(residual, two_phase):
+  shallow, deep = traced_size(residual, 4, two_phase), traced_size(residual, 16, two_phase)
   assert shallow == deep, (shallow, deep)
   assert shallow[1] > shallow[0] > 50  # really counted something, nested jaxprs included

@@ -91,6 +91,7 @@ class Transformer(nnx.Module):
     self.norm_eps = config.norm_eps
     self.remat = config.remat
     self.depth_attention_impl = config.depth_attention_impl
+    self.two_phase = config.two_phase
     self.dtype = jnp.dtype(config.dtype)
     param_dtype = jnp.dtype(config.param_dtype)
     self.embedding = normal_param(rngs, (config.vocab_size, config.d_model), config.embed_init_std,
@@ -132,7 +133,7 @@ class Transformer(nnx.Module):
     else:
       gains, output_gain = self.depth.gains()
       state, stats = attnres_loop(sublayers, self.schedule(), self.remat, self.norm_eps, self.depth_attention_impl,
-                                  return_stats,
+                                  self.two_phase, return_stats,
                                   layer_params, self.depth.pseudo_query[...], gains, x_BxTxD, rope)
       h_BxTxD, output_weights = output_mix(state, self.depth.output_query[...], output_gain, self.norm_eps,
                                            self.depth_attention_impl, with_weights=return_stats)

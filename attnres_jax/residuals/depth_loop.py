@@ -25,6 +25,14 @@ the buffer every step (measured at 32 sublayers, BTd = 1 MiB: temp memory 1.55x
 writes slot `l // S` of its own carry in place (a non-sealing sublayer rewrites
 the slot's value).
 
+Two-phase (`two_phase=True`, spec section 6): the forward seals first and, at
+each block start, answers all `S` queries of the block against the sealed
+slots in one batched call (phase 1, `TwoPhase` in the scan carry); each
+sublayer then merges its own partial sum by log-sum-exp (phase 2). The buffer
+is read once per block instead of once per sublayer. The backward is the
+direct replay above: carrying phase-1 results and their cotangents through the
+reverse scan would add `2 S B T d` to the backward, where peak memory is.
+
 Remat policy (`remat.py`): `full` replays each layer in the backward pass from
 the stored partial; `none` and `save_dots` instead keep each sublayer's VJP
 residuals (all of them, or the weight-matmul outputs) from the forward pass and
@@ -53,78 +61,67 @@ class DepthState(NamedTuple):
   partial_BxTxD: Array
 
 
-def _slot_attention(query_D: Array, gain_D: Array, sources_NxBxTxD: Array, num_visible: Array, *, eps: float,
-                    impl: str) -> tuple[Array, Array]:
-  """One query over the first `num_visible` slots: mixture `[B, T, d]` and log-sum-exp `[B, T]`.
+def _slot_attention(queries_QxD: Array, gains_QxD: Array, sources_NxBxTxD: Array, num_visible: Array, *,
+                    eps: float, impl: str) -> tuple[Array, Array]:
+  """Each query over the first `num_visible` slots: mixtures `[Q, B, T, d]` and log-sum-exp `[Q, B, T]`.
 
   The batched op of `attnres_jax.kernels` with the implementation `impl`; a
   Pallas kernel runs per device on its batch shard.
   """
-  def attend_slots(sources_NxBxTxD, query_D, gain_D, num_visible):
+  def attend_slots(sources_NxBxTxD, queries_QxD, gains_QxD, num_visible):
     num_slots, batch, length, width = sources_NxBxTxD.shape
-    mixtures_1xMxD, lse_1xM = batched_depth_attention(
-        sources_NxBxTxD.reshape(num_slots, batch * length, width), num_visible, query_D[None], gain_D[None],
-        eps, impl)
-    return mixtures_1xMxD.reshape(batch, length, width), lse_1xM.reshape(batch, length)
+    mixtures_QxMxD, lse_QxM = batched_depth_attention(
+        sources_NxBxTxD.reshape(num_slots, batch * length, width), num_visible, queries_QxD, gains_QxD, eps, impl)
+    num_queries = queries_QxD.shape[0]
+    return (mixtures_QxMxD.reshape(num_queries, batch, length, width), lse_QxM.reshape(num_queries, batch, length))
 
   if impl == "xla":
-    return attend_slots(sources_NxBxTxD, query_D, gain_D, num_visible)
-  return map_batch_shards(attend_slots, (sources_NxBxTxD,), (1,), (query_D, gain_D, num_visible), (0, 0))
+    return attend_slots(sources_NxBxTxD, queries_QxD, gains_QxD, num_visible)
+  return map_batch_shards(attend_slots, (sources_NxBxTxD,), (1,), (queries_QxD, gains_QxD, num_visible), (1, 1))
 
 
-def _mix(query_D, gain_D, sources_NxBxTxD, num_visible, partial_BxTxD, *, eps, impl, with_weights=False):
-  """Softmax over the visible sealed slots and the partial sum (spec sections 2, 6).
-
-  The slots' mixture and log-sum-exp come from the batched op; the partial is
-  merged into them by log-sum-exp. Returns `h` and, if `with_weights`, the slot
-  weights `[N, B, T]` and the partial's weight `[B, T]` (recomputed in jnp).
-  """
-  mixture_BxTxD, lse_BxT = _slot_attention(query_D, gain_D, sources_NxBxTxD, num_visible, eps=eps, impl=impl)
+def merge_partial(mixture_BxTxD: Array, lse_BxT: Array, query_D: Array, gain_D: Array, partial_BxTxD: Array, *,
+                  eps: float) -> Array:
+  """Phase 2 (spec section 6): the partial sum merged into the slots' softmax by log-sum-exp."""
   query_gain_D = fold_gains(query_D[None], gain_D[None], partial_BxTxD.dtype)[0]
   logit_BxT = jnp.einsum("...d,d->...", partial_BxTxD, query_gain_D, precision=jax.lax.Precision.HIGHEST,
                          preferred_element_type=query_gain_D.dtype) * inverse_rms(partial_BxTxD, eps)
-  h_BxTxD, weight_BxT = merge_source(mixture_BxTxD.astype(query_gain_D.dtype), lse_BxT, partial_BxTxD, logit_BxT)
-  h_BxTxD = h_BxTxD.astype(partial_BxTxD.dtype)
-  if not with_weights:
-    return h_BxTxD, None, None
-  visible = (jnp.arange(sources_NxBxTxD.shape[0]) < num_visible).reshape((-1,) + (1,) * (partial_BxTxD.ndim - 1))
-  _, _, slot_weights_NxBxT = attend(sources_NxBxTxD, inverse_rms(sources_NxBxTxD, eps), query_gain_D, visible)
-  return h_BxTxD, slot_weights_NxBxT * (1.0 - weight_BxT), weight_BxT
+  h_BxTxD, _ = merge_source(mixture_BxTxD.astype(query_gain_D.dtype), lse_BxT, partial_BxTxD, logit_BxT)
+  return h_BxTxD.astype(partial_BxTxD.dtype)
 
 
-def _token_mean(x: Array) -> Array:
-  return jnp.mean(x, axis=tuple(range(x.ndim - 2, x.ndim)))
+def _mix(query_D, gain_D, sources_NxBxTxD, num_visible, partial_BxTxD, *, eps, impl):
+  """Softmax of one query over the visible sealed slots and the partial sum (spec sections 2, 6)."""
+  mixtures_1xBxTxD, lse_1xBxT = _slot_attention(query_D[None], gain_D[None], sources_NxBxTxD, num_visible,
+                                                eps=eps, impl=impl)
+  return merge_partial(mixtures_1xBxTxD[0], lse_1xBxT[0], query_D, gain_D, partial_BxTxD, eps=eps)
 
 
-def sublayer_input(
-    query_D: Array,
-    gain_D: Array,
-    sources_NxBxTxD: Array,
-    partial_BxTxD: Array,
-    *,
-    starts_block: Array,
-    slot: Array,
-    eps: float,
-    impl: str,
-    with_weights: bool = False,
-) -> tuple[Array, Array | None]:
+def depth_weights(query_D: Array, gain_D: Array, state: DepthState, num_visible: Array, partial_visible: Array, *,
+                  eps: float) -> Array:
+  """Token-averaged softmax weights `[N + 1]` over (slots `0..num_visible-1`, partial), for the statistics.
+
+  Recomputed in jnp from the state after the sublayer's seal (off the hot path,
+  only when statistics are asked for); hidden sources get weight 0.
+  """
+  sources_SxBxTxD = jnp.concatenate([state.sources_NxBxTxD, state.partial_BxTxD[None]])
+  visible_S = jnp.append(jnp.arange(state.sources_NxBxTxD.shape[0]) < num_visible, partial_visible)
+  query_gain_D = fold_gains(query_D[None], gain_D[None], state.partial_BxTxD.dtype)[0]
+  _, _, weights_SxBxT = attend(sources_SxBxTxD, inverse_rms(sources_SxBxTxD, eps), query_gain_D,
+                               visible_S.reshape((-1,) + (1,) * (state.partial_BxTxD.ndim - 1)))
+  return jnp.mean(weights_SxBxT, axis=tuple(range(1, weights_SxBxT.ndim)))
+
+
+def sublayer_input(query_D: Array, gain_D: Array, sources_NxBxTxD: Array, partial_BxTxD: Array, *,
+                   starts_block: Array, slot: Array, eps: float, impl: str) -> Array:
   """`h = mix(blocks + [partial])` before sublayer `l` (spec section 4), before any seal.
 
   The buffer is only read: the sublayer sees the slots sealed before it
   (`0..slot-1` if it starts block `slot`, else `0..slot`) and the partial sum,
-  which at a block start is the block being sealed. Returns `h` and, if
-  `with_weights`, the token-averaged weights `[N + 1]` as they will be indexed
-  after the seal (slots, then partial).
+  which at a block start is the block being sealed.
   """
-  num_slots = sources_NxBxTxD.shape[0]
-  h_BxTxD, slot_weights_NxBxT, partial_weight_BxT = _mix(
-      query_D, gain_D, sources_NxBxTxD, jnp.where(starts_block, slot, slot + 1), partial_BxTxD, eps=eps,
-      impl=impl, with_weights=with_weights)
-  if not with_weights:
-    return h_BxTxD, None
-  mean_weights = jnp.append(_token_mean(slot_weights_NxBxT), 0.0)
-  mean_weights = mean_weights.at[jnp.where(starts_block, slot, num_slots)].add(_token_mean(partial_weight_BxT))
-  return h_BxTxD, mean_weights
+  return _mix(query_D, gain_D, sources_NxBxTxD, jnp.where(starts_block, slot, slot + 1), partial_BxTxD, eps=eps,
+              impl=impl)
 
 
 def seal(state: DepthState, *, starts_block: Array, slot: Array) -> DepthState:
@@ -140,16 +137,46 @@ def seal(state: DepthState, *, starts_block: Array, slot: Array) -> DepthState:
   )
 
 
+class TwoPhase(NamedTuple):
+  """Phase 1 of the current block (spec section 6): every query of the block over the slots sealed at its start."""
+
+  mixtures_SxBxTxD: Array
+  lse_SxBxT: Array
+
+
+def _two_phase_input(phase1: TwoPhase, query_D: Array, gain_D: Array, state: DepthState, *,
+                     all_queries_LxD: Array, all_gains_LxD: Array, starts_block: Array, slot: Array,
+                     position: Array, block_size: int, eps: float, impl: str) -> tuple[Array, TwoPhase]:
+  """`h` of the sublayer at `position` in block `slot`, from the state after its seal (spec section 6).
+
+  At a block start, phase 1 answers the block's `S` queries (rows `slot * S ..`
+  of the flat, padded `all_queries_LxD`) against slots `0..slot` in one
+  batched call; every sublayer then merges its own partial sum by log-sum-exp
+  (the block's first sublayer has none).
+  """
+  def answer_block(sources_NxBxTxD):
+    first = slot * block_size
+    block_queries_SxD = jax.lax.dynamic_slice_in_dim(all_queries_LxD, first, block_size)
+    block_gains_SxD = jax.lax.dynamic_slice_in_dim(all_gains_LxD, first, block_size)
+    return TwoPhase(*_slot_attention(block_queries_SxD, block_gains_SxD, sources_NxBxTxD, slot + 1, eps=eps,
+                                     impl=impl))
+
+  phase1 = jax.lax.cond(starts_block, answer_block, lambda _: phase1, state.sources_NxBxTxD)
+  mixture_BxTxD = jax.lax.dynamic_index_in_dim(phase1.mixtures_SxBxTxD, position, keepdims=False)
+  lse_BxT = jax.lax.dynamic_index_in_dim(phase1.lse_SxBxT, position, keepdims=False)
+  merged_BxTxD = merge_partial(mixture_BxTxD, lse_BxT, query_D, gain_D, state.partial_BxTxD, eps=eps)
+  return jnp.where(starts_block, mixture_BxTxD.astype(merged_BxTxD.dtype), merged_BxTxD), phase1
+
+
 def output_mix(
     state: DepthState, query_D: Array, gain_D: Array, eps: float, impl: str, with_weights: bool = False
 ) -> tuple[Array, Array | None]:
   """The output query over all blocks and the trailing partial sum (spec section 5)."""
-  h_BxTxD, slot_weights_NxBxT, partial_weight_BxT = _mix(
-      query_D, gain_D, state.sources_NxBxTxD, state.sources_NxBxTxD.shape[0], state.partial_BxTxD, eps=eps,
-      impl=impl, with_weights=with_weights)
+  num_slots = state.sources_NxBxTxD.shape[0]
+  h_BxTxD = _mix(query_D, gain_D, state.sources_NxBxTxD, num_slots, state.partial_BxTxD, eps=eps, impl=impl)
   if not with_weights:
     return h_BxTxD, None
-  return h_BxTxD, jnp.append(_token_mean(slot_weights_NxBxT), _token_mean(partial_weight_BxT))
+  return h_BxTxD, depth_weights(query_D, gain_D, state, num_slots, True, eps=eps)
 
 
 def initial_state(embedding_BxTxD: Array, num_slots: int) -> DepthState:
@@ -162,30 +189,49 @@ def initial_state(embedding_BxTxD: Array, num_slots: int) -> DepthState:
   )
 
 
-def _schedule_inputs(schedule: BlockSchedule) -> tuple[Array, Array, Array]:
+def _schedule_inputs(schedule: BlockSchedule) -> tuple[Array, Array, Array, Array]:
   return (jnp.asarray(schedule.starts_block()), jnp.asarray(schedule.slot()),
-          jnp.asarray(schedule.saved_partial_index()))
+          jnp.asarray(schedule.position_in_block()), jnp.asarray(schedule.saved_partial_index()))
 
 
-def _forward(sublayers, schedule, remat, eps, impl, collect_stats, save_residuals,
+def _flat_padded(per_layer_LxKxD: Array, block_size: int) -> Array:
+  """`[L_b, K, d]` -> `[L + S - 1, d]` in sublayer order, so every block's `S` rows can be sliced."""
+  flat_LxD = per_layer_LxKxD.reshape(-1, per_layer_LxKxD.shape[-1])
+  return jnp.pad(flat_LxD, ((0, block_size - 1), (0, 0)), constant_values=1)
+
+
+def _forward(sublayers, schedule, remat, eps, impl, two_phase, collect_stats, save_residuals,
              layer_params, queries_LxKxD, gains_LxKxD, embedding_BxTxD, consts):
   keep_sublayer_vjps = save_residuals and remat != "full"
   num_saved = schedule.num_saved_partials if save_residuals else 0
   saved_PxBxTxD = jnp.zeros((num_saved,) + embedding_BxTxD.shape, embedding_BxTxD.dtype)
+  state = initial_state(embedding_BxTxD, schedule.num_slots)
+  phase1 = None
+  if two_phase:
+    block_size = schedule.block_size
+    all_queries_LxD, all_gains_LxD = (_flat_padded(x, block_size) for x in (queries_LxKxD, gains_LxKxD))
+    phase1 = jax.eval_shape(lambda: _slot_attention(all_queries_LxD[:block_size], all_gains_LxD[:block_size],
+                                                    state.sources_NxBxTxD, 0, eps=eps, impl=impl))
+    phase1 = TwoPhase(*(jnp.zeros(x.shape, x.dtype) for x in phase1))
 
   def layer(carry, xs):
-    state, saved_PxBxTxD = carry
-    params, queries_KxD, gains_KxD, starts_block_K, slot_K, saved_index = xs
+    state, phase1, saved_PxBxTxD = carry
+    params, queries_KxD, gains_KxD, starts_block_K, slot_K, position_K, saved_index = xs
     if num_saved:
       index = jnp.maximum(saved_index, 0)
       kept = jnp.where(saved_index >= 0, state.partial_BxTxD, saved_PxBxTxD[index])
       saved_PxBxTxD = jax.lax.dynamic_update_index_in_dim(saved_PxBxTxD, kept, index, 0)
     sublayer_vjps, outputs, stats = [], [], []
     for k, sublayer in enumerate(sublayers):
-      h_BxTxD, mean_weights = sublayer_input(
-          queries_KxD[k], gains_KxD[k], *state, starts_block=starts_block_K[k], slot=slot_K[k], eps=eps,
-          impl=impl, with_weights=collect_stats)
-      state = seal(state, starts_block=starts_block_K[k], slot=slot_K[k])
+      where = dict(starts_block=starts_block_K[k], slot=slot_K[k])
+      if two_phase:
+        state = seal(state, **where)
+        h_BxTxD, phase1 = _two_phase_input(
+            phase1, queries_KxD[k], gains_KxD[k], state, all_queries_LxD=all_queries_LxD,
+            all_gains_LxD=all_gains_LxD, position=position_K[k], block_size=block_size, eps=eps, impl=impl, **where)
+      else:
+        h_BxTxD = sublayer_input(queries_KxD[k], gains_KxD[k], *state, eps=eps, impl=impl, **where)
+        state = seal(state, **where)
       if keep_sublayer_vjps:
         out_BxTxD, sublayer_vjp = jax.vjp(checkpointed(sublayer, remat), params, consts, h_BxTxD)
         sublayer_vjps.append(sublayer_vjp)
@@ -194,13 +240,14 @@ def _forward(sublayers, schedule, remat, eps, impl, collect_stats, save_residual
       else:
         out_BxTxD = sublayer(params, consts, h_BxTxD)
       if collect_stats:
-        stats.append((rms(h_BxTxD), rms(out_BxTxD), mean_weights))
+        weights = depth_weights(queries_KxD[k], gains_KxD[k], state, slot_K[k] + 1, ~starts_block_K[k], eps=eps)
+        stats.append((rms(h_BxTxD), rms(out_BxTxD), weights))
       state = state._replace(partial_BxTxD=state.partial_BxTxD + out_BxTxD)
-    return (state, saved_PxBxTxD), (tuple(sublayer_vjps), tuple(outputs), stats)
+    return (state, phase1, saved_PxBxTxD), (tuple(sublayer_vjps), tuple(outputs), stats)
 
   xs = (layer_params, queries_LxKxD, gains_LxKxD) + _schedule_inputs(schedule)
-  init = (initial_state(embedding_BxTxD, schedule.num_slots), saved_PxBxTxD)
-  (state, saved_PxBxTxD), (sublayer_vjps, outputs, stats) = jax.lax.scan(layer, init, xs)
+  (state, _, saved_PxBxTxD), (sublayer_vjps, outputs, stats) = jax.lax.scan(
+      layer, (state, phase1, saved_PxBxTxD), xs)
   stats = _flatten_stats(stats) if collect_stats else {}
   return state, stats, (saved_PxBxTxD, sublayer_vjps, outputs)
 
@@ -211,13 +258,14 @@ def _flatten_stats(stats) -> dict[str, Array]:
           "depth_weights": stack_sublayers(weights)}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5, 6))
 def attnres_loop(
     sublayers: tuple[SublayerFn, ...],
     schedule: BlockSchedule,
     remat: str,
     eps: float,
     impl: str,
+    two_phase: bool,
     collect_stats: bool,
     layer_params: PyTree,
     queries_LxKxD: Array,
@@ -233,14 +281,14 @@ def attnres_loop(
   The statistics (if `collect_stats`: `input_rms`, `output_rms` `[L]` and the
   token-averaged `depth_weights` `[L, N + 1]`) carry no gradient.
   """
-  state, stats, _ = _forward(sublayers, schedule, remat, eps, impl, collect_stats, False,
+  state, stats, _ = _forward(sublayers, schedule, remat, eps, impl, two_phase, collect_stats, False,
                              layer_params, queries_LxKxD, gains_LxKxD, embedding_BxTxD, consts)
   return state, stats
 
 
-def _attnres_loop_fwd(sublayers, schedule, remat, eps, impl, collect_stats,
+def _attnres_loop_fwd(sublayers, schedule, remat, eps, impl, two_phase, collect_stats,
                       layer_params, queries_LxKxD, gains_LxKxD, embedding_BxTxD, consts):
-  state, stats, saved = _forward(sublayers, schedule, remat, eps, impl, collect_stats, True,
+  state, stats, saved = _forward(sublayers, schedule, remat, eps, impl, two_phase, collect_stats, True,
                                  layer_params, queries_LxKxD, gains_LxKxD, embedding_BxTxD, consts)
   return (state, stats), (layer_params, queries_LxKxD, gains_LxKxD, consts, state, saved)
 
@@ -251,13 +299,14 @@ def _replay_sublayer_input(query_D, gain_D, sources_NxBxTxD, partial_BxTxD, *, s
   Returns h, the partial after the seal, and what the seal writes (the partial),
   whose cotangent the caller reads from the buffer's.
   """
-  h_BxTxD, _ = sublayer_input(query_D, gain_D, sources_NxBxTxD, partial_BxTxD, starts_block=starts_block,
-                              slot=slot, eps=eps, impl=impl)
+  h_BxTxD = sublayer_input(query_D, gain_D, sources_NxBxTxD, partial_BxTxD, starts_block=starts_block,
+                           slot=slot, eps=eps, impl=impl)
   partial_after_BxTxD = jnp.where(starts_block, jnp.zeros_like(partial_BxTxD), partial_BxTxD)
   return h_BxTxD, partial_after_BxTxD, partial_BxTxD
 
 
-def _attnres_loop_bwd(sublayers, schedule, remat, eps, impl, collect_stats, residuals, cotangents):
+def _attnres_loop_bwd(sublayers, schedule, remat, eps, impl, two_phase, collect_stats, residuals, cotangents):
+  del two_phase  # the backward replays each sublayer's direct mix against the final buffer
   layer_params, queries_LxKxD, gains_LxKxD, consts, final, saved = residuals
   saved_PxBxTxD, sublayer_vjps, outputs = saved
   ct_final, _ = cotangents  # statistics carry no gradient
@@ -265,7 +314,7 @@ def _attnres_loop_bwd(sublayers, schedule, remat, eps, impl, collect_stats, resi
 
   def layer_backward(carry, xs):
     ct_state, ct_consts = carry
-    params, queries_KxD, gains_KxD, starts_block_K, slot_K, saved_index, vjps, outs = xs
+    params, queries_KxD, gains_KxD, starts_block_K, slot_K, _, saved_index, vjps, outs = xs
     partial_BxTxD = jax.lax.dynamic_index_in_dim(final.sources_NxBxTxD, slot_K[0], keepdims=False)
     if saved_PxBxTxD.shape[0]:
       stored = jax.lax.dynamic_index_in_dim(saved_PxBxTxD, jnp.maximum(saved_index, 0), keepdims=False)

@@ -45,6 +45,10 @@ class BlockSchedule:
     """[num_layers, K] int32: the newest sealed slot l // S, after l's seal."""
     return self.sublayer_index() // self.block_size
 
+  def position_in_block(self) -> np.ndarray:
+    """[num_layers, K] int32: l % S, the sublayer's row among its block's queries (two-phase, spec section 6)."""
+    return self.sublayer_index() % self.block_size
+
   def saved_partial_index(self) -> np.ndarray:
     """[num_layers] int32: where the partial entering each layer is stored, or -1.
 
