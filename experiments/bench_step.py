@@ -35,6 +35,20 @@ def model_config(variant: str, num_sublayers: int, d_model: int, num_blocks: int
   return config
 
 
+def parse_variants(residuals: str) -> list[str]:
+  """`--residuals`: comma-separated names of VARIANTS, PreNorm first (the baseline of every ratio)."""
+  variants = residuals.split(",")
+  if variants[0] != "prenorm" or not set(variants) <= set(VARIANTS):
+    raise SystemExit(f"--residuals must start with prenorm (the baseline of the ratios) and name only {list(VARIANTS)}")
+  return variants
+
+
+def print_header(columns: str) -> None:
+  """A markdown table header: `columns` is its first row."""
+  print(columns)
+  print("|" + "---|" * (columns.count("|") - 1))
+
+
 def measure(config, batch: int, seq_len: int, steps: int) -> dict:
   graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
   tokens = jax.random.randint(jax.random.key(1), (batch, seq_len + 1), 0, config.vocab_size)
@@ -62,14 +76,10 @@ def main():
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--remat", default="full", choices=["none", "full", "save_dots"])
   args = parser.parse_args()
-  residuals = args.residuals.split(",")
-  if residuals[0] != "prenorm" or not set(residuals) <= set(VARIANTS):
-    raise SystemExit(f"--residuals must start with prenorm (the baseline of the ratios) and name only {list(VARIANTS)}")
+  residuals = parse_variants(args.residuals)
   print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, batch {args.batch}, seq_len {args.seq_len}, "
         f"remat {args.remat}, Block N = {args.num_blocks}")
-  header = "| L | d | residual | S | step ms | x base | compile s | x base | temp MiB | x base |"
-  print(header)
-  print("|" + "---|" * (header.count("|") - 1))
+  print_header("| L | d | residual | S | step ms | x base | compile s | x base | temp MiB | x base |")
   for num_sublayers in map(int, args.sublayers.split(",")):
     for d_model in map(int, args.d_models.split(",")):
       baseline = None

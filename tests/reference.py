@@ -37,7 +37,7 @@ def reference_logits(model, tokens_BxT, record_sources=None):
 
   def sublayer(l, h):
     layer = layer_at(model, l // 2)
-    return layer.attention_sublayer(rope, h) if l % 2 == 0 else layer.mlp_sublayer(h)
+    return layer.attention_sublayer(rope, h)[0] if l % 2 == 0 else layer.mlp_sublayer(h)
 
   if model.depth is None:
     h = x
@@ -77,7 +77,7 @@ def full_reference_logits(model, tokens_BxT):
     query, gain = model.depth.pseudo_query[...][l // 2, l % 2], gains[l // 2, l % 2]
     h = depth_attention(jnp.stack(values), query, gain, model.norm_eps)
     layer = layer_at(model, l // 2)
-    values.append(layer.attention_sublayer(rope, h) if l % 2 == 0 else layer.mlp_sublayer(h))
+    values.append(layer.attention_sublayer(rope, h)[0] if l % 2 == 0 else layer.mlp_sublayer(h))
   h = depth_attention(jnp.stack(values), model.depth.output_query[...], output_gain, model.norm_eps)
   head = model.embedding[...].T if model.head is None else model.head[...]
   return jnp.einsum("btd,dv->btv", model.final_norm(h), head.astype(model.dtype),

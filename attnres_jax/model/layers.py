@@ -10,6 +10,7 @@ from flax import nnx
 
 from attnres_jax import axes
 from attnres_jax.kernels.depth_attention_reference import compute_dtype
+from attnres_jax.model.kv_cache import CacheWrite
 from attnres_jax.sharding import constrain
 
 Array = jax.Array
@@ -70,13 +71,28 @@ class Attention(nnx.Module):
                             (axes.HEADS, axes.HEAD_DIM, axes.EMBED), param_dtype)
     self.dtype = dtype
 
-  def __call__(self, x_BxTxD: Array, rope: tuple[Array, Array]) -> Array:
+  def __call__(self, x_BxTxD: Array, rope: tuple[Array, Array], cache: tuple[Array, Array] | None = None,
+               plan: CacheWrite | None = None) -> tuple[Array, tuple[Array, Array]]:
+    """Output `[B, T, d]` and the new tokens' (rotated keys, values) `[B, T, K, H]`.
+
+    Without a cache the `T` tokens attend causally to each other; with one
+    (`cache` = this layer's keys and values `[B, W, K, H]`) they are written
+    into their ring slots first and attend to the slots `plan.mask_TxW` allows.
+    """
     w = lambda p: p[...].astype(self.dtype)
     project = lambda p: constrain(jnp.einsum("btd,dnh->btnh", x_BxTxD, w(p)), HEAD_ACTIVATIONS)
     q_BxTxNxH = apply_rope(project(self.query), rope)
     k_BxTxKxH = apply_rope(project(self.key), rope)
-    o_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, project(self.value), is_causal=True)
-    return constrain(jnp.einsum("btnh,nhd->btd", o_BxTxNxH, w(self.out)), TOKEN_ACTIVATIONS)
+    v_BxTxKxH = project(self.value)
+    if cache is None:
+      o_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True)
+    else:
+      keys_BxWxKxH, values_BxWxKxH = (c.at[:, plan.slots_T].set(new.astype(c.dtype))
+                                      for c, new in zip(cache, (k_BxTxKxH, v_BxTxKxH)))
+      o_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, keys_BxWxKxH.astype(self.dtype),
+                                               values_BxWxKxH.astype(self.dtype), mask=plan.mask_TxW)
+    out_BxTxD = constrain(jnp.einsum("btnh,nhd->btd", o_BxTxNxH, w(self.out)), TOKEN_ACTIVATIONS)
+    return out_BxTxD, (k_BxTxKxH, v_BxTxKxH)
 
 
 class SwiGLU(nnx.Module):

@@ -16,6 +16,7 @@ from flax import nnx
 
 from attnres_jax import axes
 from attnres_jax.config_checks import check_model_config
+from attnres_jax.model.kv_cache import KVCache, empty_cache, plan_write, write
 from attnres_jax.model.layers import TOKEN_ACTIVATIONS, Attention, RMSNorm, SwiGLU, logical_param, normal_param, rope_tables
 from attnres_jax.residuals.depth_loop import attnres_loop, output_mix
 from attnres_jax.residuals.prenorm import prenorm_loop
@@ -38,20 +39,24 @@ class TransformerLayer(nnx.Module):
     self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=param_dtype)
     self.mlp = SwiGLU(config.d_model, config.d_ff, **dims)
 
-  def attention_sublayer(self, rope: tuple[Array, Array], h_BxTxD: Array) -> Array:
-    return self.attention(self.attention_norm(h_BxTxD), rope)
+  def attention_sublayer(self, rope: tuple[Array, Array], h_BxTxD: Array, cache=None, plan=None):
+    return self.attention(self.attention_norm(h_BxTxD), rope, cache, plan)
 
   def mlp_sublayer(self, h_BxTxD: Array) -> Array:
     return self.mlp(self.mlp_norm(h_BxTxD))
 
 
-def _attention_sublayer(graphdef, params, rope, h_BxTxD):
-  return nnx.merge(graphdef, params).attention_sublayer(rope, h_BxTxD)
+# The sublayer functions of the depth loops (`residuals/types.py`): layer inputs are (parameters,
+# this layer's KV cache or None), consts are (RoPE tables, `CacheWrite` or None).
+def _attention_sublayer(graphdef, layer_inputs, consts, h_BxTxD):
+  (params, cache), (rope, plan) = layer_inputs, consts
+  out_BxTxD, new_keys_values = nnx.merge(graphdef, params).attention_sublayer(rope, h_BxTxD, cache, plan)
+  return out_BxTxD, (None if cache is None else new_keys_values)
 
 
-def _mlp_sublayer(graphdef, params, rope, h_BxTxD):
-  del rope
-  return nnx.merge(graphdef, params).mlp_sublayer(h_BxTxD)
+def _mlp_sublayer(graphdef, layer_inputs, consts, h_BxTxD):
+  del consts
+  return nnx.merge(graphdef, layer_inputs[0]).mlp_sublayer(h_BxTxD), None
 
 
 class DepthQueries(nnx.Module):
@@ -123,18 +128,41 @@ class Transformer(nnx.Module):
     token-averaged `depth_weights` `[L, N + 1]` over (b_0..b_{N-1}, partial)
     and `output_depth_weights` `[N + 1]`.
     """
+    logits_BxTxV, stats, _ = self._forward(tokens_BxT, jnp.arange(tokens_BxT.shape[1]), None, None, return_stats)
+    return (logits_BxTxV, stats) if return_stats else logits_BxTxV
+
+  def empty_cache(self, batch: int, window: int) -> KVCache:
+    """A KV cache for `batch` sequences attending to their last `window` positions (`kv_cache.py`)."""
+    keys = self.layers.attention.key
+    return empty_cache(self.num_layers, batch, window, keys.shape[2], self.head_dim, self.dtype)
+
+  def extend(self, tokens_BxT: Array, cache: KVCache) -> tuple[Array, KVCache]:
+    """Logits `[B, T, vocab]` of `T` tokens appended to `cache`, and the cache holding them.
+
+    Decoding (`T = 1`) or prefill (an empty cache, `T <= window`). Each token
+    flows through the depth loop as in `__call__`; only keys and values come
+    from the cache (see `kv_cache.py` for why AttnRes needs nothing more).
+    """
+    positions_T, plan, positions_W = plan_write(cache, tokens_BxT.shape[1])
+    layer_cache = (cache.key_LxBxWxKxH, cache.value_LxBxWxKxH)
+    logits_BxTxV, _, new_keys_values = self._forward(tokens_BxT, positions_T, layer_cache, plan, False)
+    return logits_BxTxV, write(cache, plan, positions_W, *new_keys_values)
+
+  def _forward(self, tokens_BxT, positions_T, layer_cache, plan, return_stats):
+    """Logits, statistics and the attention sublayers' new keys and values `[L_b, B, T, K, H]` (or None)."""
     x_BxTxD = constrain(jnp.take(self.embedding[...], tokens_BxT, axis=0).astype(self.dtype), TOKEN_ACTIVATIONS)
-    rope = rope_tables(jnp.arange(tokens_BxT.shape[1]), self.head_dim, self.rope_theta)
+    consts = (rope_tables(positions_T, self.head_dim, self.rope_theta), plan)
     graphdef, layer_params = nnx.split(self.layers)
+    layer_inputs = (layer_params, layer_cache)
     sublayers = (functools.partial(_attention_sublayer, graphdef), functools.partial(_mlp_sublayer, graphdef))
     if self.depth is None:
-      h_BxTxD, stats = prenorm_loop(sublayers, layer_params, rope, x_BxTxD, remat=self.remat,
-                                    collect_stats=return_stats)
+      h_BxTxD, stats, auxes = prenorm_loop(sublayers, layer_inputs, consts, x_BxTxD, remat=self.remat,
+                                           collect_stats=return_stats)
     else:
       gains, output_gain = self.depth.gains()
-      state, stats = attnres_loop(sublayers, self.schedule(), self.remat, self.norm_eps, self.depth_attention_impl,
-                                  self.two_phase, return_stats,
-                                  layer_params, self.depth.pseudo_query[...], gains, x_BxTxD, rope)
+      state, stats, auxes = attnres_loop(
+          sublayers, self.schedule(), self.remat, self.norm_eps, self.depth_attention_impl, self.two_phase,
+          return_stats, layer_inputs, self.depth.pseudo_query[...], gains, x_BxTxD, consts)
       h_BxTxD, output_weights = output_mix(state, self.depth.output_query[...], output_gain, self.norm_eps,
                                            self.depth_attention_impl, with_weights=return_stats)
       if return_stats:
@@ -144,4 +172,4 @@ class Transformer(nnx.Module):
     logits_BxTxV = jnp.einsum("btd,dv->btv", h_BxTxD, head_DxV.astype(self.dtype),
                               preferred_element_type=jnp.promote_types(self.dtype, jnp.float32))
     logits_BxTxV = constrain(logits_BxTxV, (axes.BATCH, axes.ACTIVATION_LENGTH, axes.ACTIVATION_VOCAB))
-    return (logits_BxTxV, stats) if return_stats else logits_BxTxV
+    return logits_BxTxV, stats, auxes[0]

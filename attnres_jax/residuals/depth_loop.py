@@ -221,7 +221,7 @@ def _forward(sublayers, schedule, remat, eps, impl, two_phase, collect_stats, sa
       index = jnp.maximum(saved_index, 0)
       kept = jnp.where(saved_index >= 0, state.partial_BxTxD, saved_PxBxTxD[index])
       saved_PxBxTxD = jax.lax.dynamic_update_index_in_dim(saved_PxBxTxD, kept, index, 0)
-    sublayer_vjps, outputs, stats = [], [], []
+    sublayer_vjps, outputs, stats, auxes = [], [], [], []
     for k, sublayer in enumerate(sublayers):
       where = dict(starts_block=starts_block_K[k], slot=slot_K[k])
       if two_phase:
@@ -233,23 +233,25 @@ def _forward(sublayers, schedule, remat, eps, impl, two_phase, collect_stats, sa
         h_BxTxD = sublayer_input(queries_KxD[k], gains_KxD[k], *state, eps=eps, impl=impl, **where)
         state = seal(state, **where)
       if keep_sublayer_vjps:
-        out_BxTxD, sublayer_vjp = jax.vjp(checkpointed(sublayer, remat), params, consts, h_BxTxD)
+        out_BxTxD, sublayer_vjp, aux = jax.vjp(checkpointed(sublayer, remat), params, consts, h_BxTxD,
+                                               has_aux=True)
         sublayer_vjps.append(sublayer_vjp)
         if k < len(sublayers) - 1:
           outputs.append(out_BxTxD)
       else:
-        out_BxTxD = sublayer(params, consts, h_BxTxD)
+        out_BxTxD, aux = sublayer(params, consts, h_BxTxD)
+      auxes.append(aux)
       if collect_stats:
         weights = depth_weights(queries_KxD[k], gains_KxD[k], state, slot_K[k] + 1, ~starts_block_K[k], eps=eps)
         stats.append((rms(h_BxTxD), rms(out_BxTxD), weights))
       state = state._replace(partial_BxTxD=state.partial_BxTxD + out_BxTxD)
-    return (state, phase1, saved_PxBxTxD), (tuple(sublayer_vjps), tuple(outputs), stats)
+    return (state, phase1, saved_PxBxTxD), (tuple(sublayer_vjps), tuple(outputs), stats, tuple(auxes))
 
   xs = (layer_params, queries_LxKxD, gains_LxKxD) + _schedule_inputs(schedule)
-  (state, _, saved_PxBxTxD), (sublayer_vjps, outputs, stats) = jax.lax.scan(
+  (state, _, saved_PxBxTxD), (sublayer_vjps, outputs, stats, auxes) = jax.lax.scan(
       layer, (state, phase1, saved_PxBxTxD), xs)
   stats = _flatten_stats(stats) if collect_stats else {}
-  return state, stats, (saved_PxBxTxD, sublayer_vjps, outputs)
+  return state, stats, auxes, (saved_PxBxTxD, sublayer_vjps, outputs)
 
 
 def _flatten_stats(stats) -> dict[str, Array]:
@@ -272,25 +274,28 @@ def attnres_loop(
     gains_LxKxD: Array,
     embedding_BxTxD: Array,
     consts: PyTree,
-) -> tuple[DepthState, dict[str, Array]]:
-  """Runs all sublayers with Block AttnRes mixing; returns the final state and statistics.
+) -> tuple[DepthState, dict[str, Array], tuple[PyTree, ...]]:
+  """Runs all sublayers with Block AttnRes mixing; returns the final state, statistics and auxiliary outputs.
 
   `sublayers` are the K sublayer functions of one scanned layer (attention,
-  MLP); `layer_params` their stacked parameters `[num_layers, ...]`;
+  MLP); `layer_params` their stacked inputs `[num_layers, ...]` (parameters,
+  and a KV cache when decoding);
   `queries`/`gains` the pseudo-queries and key-norm gains `[num_layers, K, d]`.
   The statistics (if `collect_stats`: `input_rms`, `output_rms` `[L]` and the
-  token-averaged `depth_weights` `[L, N + 1]`) carry no gradient.
+  token-averaged `depth_weights` `[L, N + 1]`) and the sublayers' auxiliary
+  outputs (stacked `[num_layers, ...]`, one entry per sublayer kind, e.g. new
+  keys and values) carry no gradient.
   """
-  state, stats, _ = _forward(sublayers, schedule, remat, eps, impl, two_phase, collect_stats, False,
+  state, stats, auxes, _ = _forward(sublayers, schedule, remat, eps, impl, two_phase, collect_stats, False,
                              layer_params, queries_LxKxD, gains_LxKxD, embedding_BxTxD, consts)
-  return state, stats
+  return state, stats, auxes
 
 
 def _attnres_loop_fwd(sublayers, schedule, remat, eps, impl, two_phase, collect_stats,
                       layer_params, queries_LxKxD, gains_LxKxD, embedding_BxTxD, consts):
-  state, stats, saved = _forward(sublayers, schedule, remat, eps, impl, two_phase, collect_stats, True,
-                                 layer_params, queries_LxKxD, gains_LxKxD, embedding_BxTxD, consts)
-  return (state, stats), (layer_params, queries_LxKxD, gains_LxKxD, consts, state, saved)
+  state, stats, auxes, saved = _forward(sublayers, schedule, remat, eps, impl, two_phase, collect_stats, True,
+                                        layer_params, queries_LxKxD, gains_LxKxD, embedding_BxTxD, consts)
+  return (state, stats, auxes), (layer_params, queries_LxKxD, gains_LxKxD, consts, state, saved)
 
 
 def _replay_sublayer_input(query_D, gain_D, sources_NxBxTxD, partial_BxTxD, *, starts_block, slot, eps, impl):
@@ -309,7 +314,7 @@ def _attnres_loop_bwd(sublayers, schedule, remat, eps, impl, two_phase, collect_
   del two_phase  # the backward replays each sublayer's direct mix against the final buffer
   layer_params, queries_LxKxD, gains_LxKxD, consts, final, saved = residuals
   saved_PxBxTxD, sublayer_vjps, outputs = saved
-  ct_final, _ = cotangents  # statistics carry no gradient
+  ct_final, _, _ = cotangents  # statistics and auxiliary outputs carry no gradient
   num_sublayers = len(sublayers)
 
   def layer_backward(carry, xs):
@@ -327,7 +332,7 @@ def _attnres_loop_bwd(sublayers, schedule, remat, eps, impl, two_phase, collect_
           replay, queries_KxD[k], gains_KxD[k], final.sources_NxBxTxD, partial_BxTxD)
       mix_vjps.append(mix_vjp)
       if remat == "full":
-        out_BxTxD, sublayer_vjp = jax.vjp(sublayer, params, consts, h_BxTxD)
+        out_BxTxD, sublayer_vjp, _ = jax.vjp(sublayer, params, consts, h_BxTxD, has_aux=True)
       else:
         sublayer_vjp, out_BxTxD = vjps[k], (outs[k] if k < num_sublayers - 1 else None)
       sublayer_vjps_k.append(sublayer_vjp)

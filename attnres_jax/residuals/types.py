@@ -8,10 +8,11 @@ import jax.numpy as jnp
 Array = jax.Array
 PyTree = Any
 
-# f_l(layer_params, consts, h_BxTxD) -> out_BxTxD: one sublayer with its own pre-norm
-# (spec section 1). `layer_params` is one layer's slice of the stacked parameters;
-# `consts` are shared float inputs such as RoPE tables.
-SublayerFn = Callable[[PyTree, PyTree, Array], Array]
+# f_l(layer_inputs, consts, h_BxTxD) -> (out_BxTxD, aux): one sublayer with its own pre-norm
+# (spec section 1). `layer_inputs` is one layer's slice of the stacked parameters (and of
+# the KV cache when decoding); `consts` are shared inputs such as RoPE tables; `aux` is a
+# side output without gradient (the new keys and values when decoding, else None).
+SublayerFn = Callable[[PyTree, PyTree, Array], tuple[Array, PyTree]]
 
 
 def rms(x: Array) -> Array:

@@ -44,14 +44,16 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)))
 
-  def restore_latest(self, target: TrainState, data_iterator) -> TrainState | None:
-    """The newest restorable state (the iterator is restored in place), or None if there is none."""
+  def restore_latest(self, target: TrainState, data_iterator=None) -> TrainState | None:
+    """The newest restorable state (the iterator, if given, is restored in place), or None if there is none."""
     for step in sorted(self.manager.all_steps(), reverse=True):
       self._check_shapes(step, target)
       abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        items = dict(state=ocp.args.StandardRestore(abstract))
+        if data_iterator is not None:
+          items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as error:  # orbax and tensorstore raise many types
         if not _is_damaged(error):
           raise RuntimeError(
