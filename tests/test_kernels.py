@@ -50,12 +50,18 @@ SHAPES = [
 TOLERANCE = {"float32": 2e-5, "bfloat16": 2e-2}
 
 
-def cases() -> list[tuple[Target, tuple]]:
-  """Every shape on the TPU interpreter (and the compiled GPU kernel); every third on the Triton one."""
+def cases() -> list:
+  """Every shape on the TPU interpreter (and the compiled GPU kernel); every third on the Triton one.
+
+  Interpreted kernels unroll over sources x queries: shapes with S * Q >= 32 are
+  marked slow (run with `-m slow`).
+  """
   kernels = [(TPU_INTERPRET, SHAPES), (Target("triton", interpret=True), SHAPES[::3])]
   if jax.default_backend() == "gpu":
     kernels.append((Target("triton"), SHAPES))
-  return [(target, shape) for target, shapes in kernels for shape in shapes]
+  slow = lambda target, shape: target.interpret and shape[0] * shape[2] >= 32
+  return [pytest.param((target, shape), marks=[pytest.mark.slow] if slow(target, shape) else [])
+          for target, shapes in kernels for shape in shapes]
 
 
 def case_id(case) -> str:

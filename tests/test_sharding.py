@@ -45,7 +45,7 @@ def one_step(mesh_shape, residual, extra_rules=(), **model_overrides):
   return float(metrics["loss"]), jax.tree.map(np.asarray, state.params)
 
 
-@pytest.mark.parametrize("residual", ["prenorm", "block"])
+@pytest.mark.parametrize("residual", [pytest.param("prenorm", marks=pytest.mark.slow), "block"])
 def test_one_train_step_on_a_mesh_equals_one_device(residual):
   want_loss, want_params = one_step((1, 1, 1), residual)
   for mesh_shape in MESHES:
