@@ -1,8 +1,9 @@
 """Prefill time and per-token decode latency of Full and Block AttnRes against PreNorm.
 
 Each model decodes with the jitted `Generator` (KV cache of `--window`
-positions, greedy sampling so that every variant does the same work); ratios
-are against `prenorm` of the same shape in the same run. The paper reports
+positions, greedy sampling so that every variant does the same work); the
+variants are timed in interleaved rounds and ratios are of medians against
+`prenorm` of the same shape in the same run. The paper reports
 < 2 % inference latency overhead for Block AttnRes (`attnres-spec.md` section 6).
 
   python -m experiments.bench_decode --sublayers=16 --d_model=256   # from the repository root
@@ -20,21 +21,32 @@ from attnres_jax.generate import Generator, Sampling
 from experiments.bench_step import VARIANTS, model_config, parse_variants, print_header
 
 
-def measure(config, batch: int, prompt_length: int, window: int, new_tokens: int) -> dict:
-  generator = Generator(Transformer(config, rngs=nnx.Rngs(0)), window, Sampling(temperature=0.0))
-  prompt = jax.random.randint(jax.random.key(1), (batch, prompt_length), 0, config.vocab_size)
-  key = jax.random.key(0)
-  prefill_times = []
-  for _ in range(4):  # the first call compiles
+class DecodeTimer:
+  """One model's jitted prefill and decode step, compiled on construction, timed one call at a time."""
+
+  def __init__(self, config, batch: int, prompt_length: int, window: int):
+    self.generator = Generator(Transformer(config, rngs=nnx.Rngs(0)), window, Sampling(temperature=0.0))
+    self.prompt = jax.random.randint(jax.random.key(1), (batch, prompt_length), 0, config.vocab_size)
+    self.key = jax.random.key(0)
+    self.prefill_s, self.decode_s = [], []
+    self.tokens, self.cache = jax.block_until_ready(self._prefill())
+    jax.block_until_ready(self._decode())
+
+  def _prefill(self):
+    return self.generator.prefill(self.generator.state, self.prompt, self.key)
+
+  def _decode(self):
+    self.tokens, self.cache = self.generator.decode_step(self.generator.state, self.cache, self.tokens, self.key)
+    return self.tokens
+
+  def time_round(self, decode_steps: int) -> None:
     start = time.perf_counter()
-    tokens, cache = jax.block_until_ready(generator.prefill(generator.state, prompt, key))
-    prefill_times.append(time.perf_counter() - start)
-  step_times = []
-  for _ in range(new_tokens + 1):  # the first step compiles
-    start = time.perf_counter()
-    tokens, cache = jax.block_until_ready(generator.decode_step(generator.state, cache, tokens, key))
-    step_times.append(time.perf_counter() - start)
-  return dict(prefill_s=statistics.median(prefill_times[1:]), decode_s=statistics.median(step_times[1:]))
+    self.tokens, self.cache = jax.block_until_ready(self._prefill())
+    self.prefill_s.append(time.perf_counter() - start)
+    for _ in range(decode_steps):
+      start = time.perf_counter()
+      jax.block_until_ready(self._decode())
+      self.decode_s.append(time.perf_counter() - start)
 
 
 def main():
@@ -46,23 +58,27 @@ def main():
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--prompt_length", type=int, default=128)
   parser.add_argument("--window", type=int, default=512, help="KV-cache positions")
-  parser.add_argument("--new_tokens", type=int, default=64, help="decode steps timed (median)")
+  parser.add_argument("--new_tokens", type=int, default=64, help="decode steps timed per variant (median)")
+  parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds of one prefill and some steps")
   args = parser.parse_args()
   residuals = parse_variants(args.residuals)
   print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, batch {args.batch}, prompt {args.prompt_length}, "
         f"window {args.window}, d {args.d_model}, Block N = {args.num_blocks}")
   print_header("| L | residual | S | prefill ms | x base | decode ms/token | x base |")
   for num_sublayers in map(int, args.sublayers.split(",")):
-    baseline = None
-    for residual in residuals:
-      config = model_config(residual, num_sublayers, args.d_model, args.num_blocks, remat="none")
-      result = measure(config, args.batch, args.prompt_length, args.window, args.new_tokens)
-      baseline = baseline or result
-      block_size = {"prenorm": "-", "full": "1"}.get(residual, str(config.block_size))
-      print(f"| {num_sublayers} | {residual} | {block_size} "
-            f"| {1e3 * result['prefill_s']:.1f} | {result['prefill_s'] / baseline['prefill_s']:.2f} "
-            f"| {1e3 * result['decode_s']:.2f} | {result['decode_s'] / baseline['decode_s']:.2f} |", flush=True)
-
+    configs = {residual: model_config(residual, num_sublayers, args.d_model, args.num_blocks, remat="none")
+               for residual in residuals}
+    timers = {residual: DecodeTimer(config, args.batch, args.prompt_length, args.window)
+              for residual, config in configs.items()}
+    for _ in range(args.rounds):  # interleaved, so that drifts of the machine hit every variant alike
+      for timer in timers.values():
+        timer.time_round(args.new_tokens // args.rounds)
+    median = {residual: (statistics.median(t.prefill_s), statistics.median(t.decode_s)) for residual, t in timers.items()}
+    base_prefill, base_decode = median["prenorm"]
+    for residual, (prefill_s, decode_s) in median.items():
+      block_size = {"prenorm": "-", "full": "1"}.get(residual, str(configs[residual].block_size))
+      print(f"| {num_sublayers} | {residual} | {block_size} | {1e3 * prefill_s:.1f} | {prefill_s / base_prefill:.2f} "
+            f"| {1e3 * decode_s:.2f} | {decode_s / base_decode:.2f} |", flush=True)
 
 if __name__ == "__main__":
   main()
