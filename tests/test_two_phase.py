@@ -23,7 +23,7 @@ def model_pair(residual, block_size, **overrides):
 
 @pytest.mark.parametrize("residual,block_size", CASES)
 def test_logits_and_stats_equal_direct_and_spec(residual, block_size):
-  direct, two_phase = model_pair(residual, block_size)
+  direct, two_phase = model_pair(residual, block_size, query_scale=0.3)  # moderate logits, as below
   tokens = random_tokens()
   logits, stats = two_phase(tokens, return_stats=True)
   want_logits, want_stats = direct(tokens, return_stats=True)
