@@ -4,6 +4,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from attnres_jax.kernels.depth_attention_op import IMPLS
+from attnres_jax.residuals.mixing_rules import NORMALIZATIONS
 from attnres_jax.residuals.remat import REMAT_POLICIES
 from attnres_jax.train.optim import SCHEDULES
 
@@ -52,9 +53,28 @@ def check_model_config(model: Mapping[str, Any]) -> None:
     _fail("two_phase", model["two_phase"], "must be True or False")
   if model["two_phase"] and model["residual"] == "prenorm":
     _fail("two_phase", True, "applies to AttnRes only (residual=full or block), not prenorm")
+  _check_mixing_rule(model)
   for field in ("norm_eps", "init_std", "embed_init_std", "rope_theta"):
     if not model[field] > 0:
       _fail(field, model[field], "must be > 0")
+
+
+def _check_mixing_rule(model: Mapping[str, Any]) -> None:
+  if model["depth_normalization"] not in NORMALIZATIONS:
+    _fail("depth_normalization", model["depth_normalization"], f"must be one of {NORMALIZATIONS}")
+  _check_positive_ints("model", model, ("depth_heads",))
+  if model["d_model"] % model["depth_heads"]:
+    _fail("depth_heads", model["depth_heads"], f"must divide d_model={model['d_model']}")
+  if not isinstance(model["depth_window"], int) or model["depth_window"] < 0:
+    _fail("depth_window", model["depth_window"], "must be an integer >= 0 (0 = every source)")
+  if model["depth_window"] and model["residual"] != "full":
+    _fail("depth_window", model["depth_window"], "applies to residual=full only")
+  ablated = (not model["depth_key_norm"] or model["depth_normalization"] != "softmax" or model["depth_heads"] != 1
+             or model["depth_window"])
+  if ablated and (model["two_phase"] or model["depth_attention_impl"] != "xla"):
+    _fail("two_phase" if model["two_phase"] else "depth_attention_impl",
+          model["two_phase"] if model["two_phase"] else model["depth_attention_impl"],
+          "ablated depth-mixing rules run in jnp: use two_phase=False and depth_attention_impl=xla")
 
 
 def check_run_config(config: Mapping[str, Any], process_count: int = 1) -> None:

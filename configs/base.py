@@ -33,6 +33,11 @@ def get_config() -> ml_collections.ConfigDict:
   model.depth_attention_impl = "xla"
   # AttnRes: answer all queries of a block at its start, then merge each partial sum (spec section 6)
   model.two_phase = False
+  # Ablations of the depth-mixing rule (spec section 7; residuals/mixing_rules.py); any change runs in jnp.
+  model.depth_key_norm = True  # RMSNorm on the keys; False: k_i = v_i
+  model.depth_normalization = "softmax"  # softmax | sigmoid (weights not normalised over sources)
+  model.depth_heads = 1  # separate depth softmax per channel group of d_model / depth_heads
+  model.depth_window = 0  # Full AttnRes: attend to the last depth_window outputs + the embedding; 0 = all
 
   config.data = data = ml_collections.ConfigDict()
   data.source = "stdlib"  # stdlib (this interpreter's standard library, bytes) | token_files

@@ -20,6 +20,11 @@ CASES = [
     (dict(remat="everything"), "remat"),
     (dict(depth_attention_impl="cuda"), "depth_attention_impl"),
     (dict(residual="prenorm", two_phase=True), "two_phase"),
+    (dict(depth_normalization="relu"), "depth_normalization"),
+    (dict(depth_heads=3), "depth_heads"),  # does not divide d_model=32
+    (dict(residual="block", depth_window=2), "depth_window"),
+    (dict(depth_key_norm=False, two_phase=True), "two_phase"),
+    (dict(depth_heads=2, depth_attention_impl="pallas"), "depth_attention_impl"),
     (dict(norm_eps=0.0), "norm_eps"),
     (dict(init_std=-1.0), "init_std"),
 ]

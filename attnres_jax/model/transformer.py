@@ -19,6 +19,7 @@ from attnres_jax.config_checks import check_model_config
 from attnres_jax.model.kv_cache import KVCache, empty_cache, plan_write, write
 from attnres_jax.model.layers import TOKEN_ACTIVATIONS, Attention, RMSNorm, SwiGLU, logical_param, normal_param, rope_tables
 from attnres_jax.residuals.depth_loop import attnres_loop, output_mix
+from attnres_jax.residuals.mixing_rules import MixingRule
 from attnres_jax.residuals.prenorm import prenorm_loop
 from attnres_jax.residuals.schedule import BlockSchedule
 from attnres_jax.sharding import constrain
@@ -97,6 +98,8 @@ class Transformer(nnx.Module):
     self.remat = config.remat
     self.depth_attention_impl = config.depth_attention_impl
     self.two_phase = config.two_phase
+    self.mixing_rule = MixingRule(key_norm=config.depth_key_norm, normalization=config.depth_normalization,
+                                  num_heads=config.depth_heads, window=config.depth_window)
     self.dtype = jnp.dtype(config.dtype)
     param_dtype = jnp.dtype(config.param_dtype)
     self.embedding = normal_param(rngs, (config.vocab_size, config.d_model), config.embed_init_std,
@@ -161,10 +164,10 @@ class Transformer(nnx.Module):
     else:
       gains, output_gain = self.depth.gains()
       state, stats, auxes = attnres_loop(
-          sublayers, self.schedule(), self.remat, self.norm_eps, self.depth_attention_impl, self.two_phase,
-          return_stats, layer_inputs, self.depth.pseudo_query[...], gains, x_BxTxD, consts)
+          sublayers, self.schedule(), self.remat, self.norm_eps, self.depth_attention_impl, self.mixing_rule,
+          self.two_phase, return_stats, layer_inputs, self.depth.pseudo_query[...], gains, x_BxTxD, consts)
       h_BxTxD, output_weights = output_mix(state, self.depth.output_query[...], output_gain, self.norm_eps,
-                                           self.depth_attention_impl, with_weights=return_stats)
+                                           self.depth_attention_impl, self.mixing_rule, with_weights=return_stats)
       if return_stats:
         stats["output_depth_weights"] = output_weights
     h_BxTxD = self.final_norm(h_BxTxD)

@@ -47,7 +47,8 @@ import jax.numpy as jnp
 
 from attnres_jax import axes
 from attnres_jax.kernels.depth_attention_op import batched_depth_attention, fold_gains
-from attnres_jax.kernels.depth_attention_reference import attend, inverse_rms, merge_source
+from attnres_jax.kernels.depth_attention_reference import inverse_rms, merge_source
+from attnres_jax.residuals.mixing_rules import MixingRule, mix_sources, source_weights, visible_sources
 from attnres_jax.residuals.remat import checkpointed
 from attnres_jax.residuals.schedule import BlockSchedule
 from attnres_jax.residuals.types import Array, PyTree, SublayerFn, rms, stack_sublayers
@@ -90,30 +91,37 @@ def merge_partial(mixture_BxTxD: Array, lse_BxT: Array, query_D: Array, gain_D: 
   return h_BxTxD.astype(partial_BxTxD.dtype)
 
 
-def _mix(query_D, gain_D, sources_NxBxTxD, num_visible, partial_BxTxD, *, eps, impl):
-  """Softmax of one query over the visible sealed slots and the partial sum (spec sections 2, 6)."""
+def _mix(query_D, gain_D, sources_NxBxTxD, num_visible, partial_BxTxD, *, eps, impl, rule):
+  """Softmax of one query over the visible sealed slots and the partial sum (spec sections 2, 6).
+
+  An ablation `rule` (`mixing_rules.py`) mixes the same sources in jnp instead.
+  """
+  if not rule.is_default:
+    sources_SxBxTxD = jnp.concatenate([sources_NxBxTxD, partial_BxTxD[None]])
+    visible_S = visible_sources(rule, sources_NxBxTxD.shape[0], num_visible, True)
+    query_gain_D = fold_gains(query_D[None], gain_D[None], partial_BxTxD.dtype)[0]
+    return mix_sources(rule, sources_SxBxTxD, visible_S, query_gain_D, eps)
   mixtures_1xBxTxD, lse_1xBxT = _slot_attention(query_D[None], gain_D[None], sources_NxBxTxD, num_visible,
                                                 eps=eps, impl=impl)
   return merge_partial(mixtures_1xBxTxD[0], lse_1xBxT[0], query_D, gain_D, partial_BxTxD, eps=eps)
 
 
 def depth_weights(query_D: Array, gain_D: Array, state: DepthState, num_visible: Array, partial_visible: Array, *,
-                  eps: float) -> Array:
+                  eps: float, rule: MixingRule) -> Array:
   """Token-averaged softmax weights `[N + 1]` over (slots `0..num_visible-1`, partial), for the statistics.
 
   Recomputed in jnp from the state after the sublayer's seal (off the hot path,
   only when statistics are asked for); hidden sources get weight 0.
   """
   sources_SxBxTxD = jnp.concatenate([state.sources_NxBxTxD, state.partial_BxTxD[None]])
-  visible_S = jnp.append(jnp.arange(state.sources_NxBxTxD.shape[0]) < num_visible, partial_visible)
+  visible_S = visible_sources(rule, state.sources_NxBxTxD.shape[0], num_visible, partial_visible)
   query_gain_D = fold_gains(query_D[None], gain_D[None], state.partial_BxTxD.dtype)[0]
-  _, _, weights_SxBxT = attend(sources_SxBxTxD, inverse_rms(sources_SxBxTxD, eps), query_gain_D,
-                               visible_S.reshape((-1,) + (1,) * (state.partial_BxTxD.ndim - 1)))
-  return jnp.mean(weights_SxBxT, axis=tuple(range(1, weights_SxBxT.ndim)))
+  weights_SxBxTxH = source_weights(rule, sources_SxBxTxD, visible_S, query_gain_D, eps)
+  return jnp.mean(weights_SxBxTxH, axis=(1, 2, 3))
 
 
 def sublayer_input(query_D: Array, gain_D: Array, sources_NxBxTxD: Array, partial_BxTxD: Array, *,
-                   starts_block: Array, slot: Array, eps: float, impl: str) -> Array:
+                   starts_block: Array, slot: Array, eps: float, impl: str, rule: MixingRule) -> Array:
   """`h = mix(blocks + [partial])` before sublayer `l` (spec section 4), before any seal.
 
   The buffer is only read: the sublayer sees the slots sealed before it
@@ -121,7 +129,7 @@ def sublayer_input(query_D: Array, gain_D: Array, sources_NxBxTxD: Array, partia
   which at a block start is the block being sealed.
   """
   return _mix(query_D, gain_D, sources_NxBxTxD, jnp.where(starts_block, slot, slot + 1), partial_BxTxD, eps=eps,
-              impl=impl)
+              impl=impl, rule=rule)
 
 
 def seal(state: DepthState, *, starts_block: Array, slot: Array) -> DepthState:
@@ -169,14 +177,16 @@ def _two_phase_input(phase1: TwoPhase, query_D: Array, gain_D: Array, state: Dep
 
 
 def output_mix(
-    state: DepthState, query_D: Array, gain_D: Array, eps: float, impl: str, with_weights: bool = False
+    state: DepthState, query_D: Array, gain_D: Array, eps: float, impl: str, rule: MixingRule = MixingRule(),
+    with_weights: bool = False
 ) -> tuple[Array, Array | None]:
   """The output query over all blocks and the trailing partial sum (spec section 5)."""
   num_slots = state.sources_NxBxTxD.shape[0]
-  h_BxTxD = _mix(query_D, gain_D, state.sources_NxBxTxD, num_slots, state.partial_BxTxD, eps=eps, impl=impl)
+  h_BxTxD = _mix(query_D, gain_D, state.sources_NxBxTxD, num_slots, state.partial_BxTxD, eps=eps, impl=impl,
+                 rule=rule)
   if not with_weights:
     return h_BxTxD, None
-  return h_BxTxD, depth_weights(query_D, gain_D, state, num_slots, True, eps=eps)
+  return h_BxTxD, depth_weights(query_D, gain_D, state, num_slots, True, eps=eps, rule=rule)
 
 
 def initial_state(embedding_BxTxD: Array, num_slots: int) -> DepthState:
@@ -200,7 +210,7 @@ def _flat_padded(per_layer_LxKxD: Array, block_size: int) -> Array:
   return jnp.pad(flat_LxD, ((0, block_size - 1), (0, 0)), constant_values=1)
 
 
-def _forward(sublayers, schedule, remat, eps, impl, two_phase, collect_stats, save_residuals,
+def _forward(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, save_residuals,
              layer_params, queries_LxKxD, gains_LxKxD, embedding_BxTxD, consts):
   keep_sublayer_vjps = save_residuals and remat != "full"
   num_saved = schedule.num_saved_partials if save_residuals else 0
@@ -230,7 +240,7 @@ def _forward(sublayers, schedule, remat, eps, impl, two_phase, collect_stats, sa
             phase1, queries_KxD[k], gains_KxD[k], state, all_queries_LxD=all_queries_LxD,
             all_gains_LxD=all_gains_LxD, position=position_K[k], block_size=block_size, eps=eps, impl=impl, **where)
       else:
-        h_BxTxD = sublayer_input(queries_KxD[k], gains_KxD[k], *state, eps=eps, impl=impl, **where)
+        h_BxTxD = sublayer_input(queries_KxD[k], gains_KxD[k], *state, eps=eps, impl=impl, rule=rule, **where)
         state = seal(state, **where)
       if keep_sublayer_vjps:
         out_BxTxD, sublayer_vjp, aux = jax.vjp(checkpointed(sublayer, remat), params, consts, h_BxTxD,
@@ -242,7 +252,8 @@ def _forward(sublayers, schedule, remat, eps, impl, two_phase, collect_stats, sa
         out_BxTxD, aux = sublayer(params, consts, h_BxTxD)
       auxes.append(aux)
       if collect_stats:
-        weights = depth_weights(queries_KxD[k], gains_KxD[k], state, slot_K[k] + 1, ~starts_block_K[k], eps=eps)
+        weights = depth_weights(queries_KxD[k], gains_KxD[k], state, slot_K[k] + 1, ~starts_block_K[k], eps=eps,
+                                rule=rule)
         stats.append((rms(h_BxTxD), rms(out_BxTxD), weights))
       state = state._replace(partial_BxTxD=state.partial_BxTxD + out_BxTxD)
     return (state, phase1, saved_PxBxTxD), (tuple(sublayer_vjps), tuple(outputs), stats, tuple(auxes))
@@ -260,13 +271,14 @@ def _flatten_stats(stats) -> dict[str, Array]:
           "depth_weights": stack_sublayers(weights)}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5, 6))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5, 6, 7))
 def attnres_loop(
     sublayers: tuple[SublayerFn, ...],
     schedule: BlockSchedule,
     remat: str,
     eps: float,
     impl: str,
+    rule: MixingRule,
     two_phase: bool,
     collect_stats: bool,
     layer_params: PyTree,
@@ -286,31 +298,32 @@ def attnres_loop(
   outputs (stacked `[num_layers, ...]`, one entry per sublayer kind, e.g. new
   keys and values) carry no gradient.
   """
-  state, stats, auxes, _ = _forward(sublayers, schedule, remat, eps, impl, two_phase, collect_stats, False,
+  state, stats, auxes, _ = _forward(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, False,
                              layer_params, queries_LxKxD, gains_LxKxD, embedding_BxTxD, consts)
   return state, stats, auxes
 
 
-def _attnres_loop_fwd(sublayers, schedule, remat, eps, impl, two_phase, collect_stats,
+def _attnres_loop_fwd(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats,
                       layer_params, queries_LxKxD, gains_LxKxD, embedding_BxTxD, consts):
-  state, stats, auxes, saved = _forward(sublayers, schedule, remat, eps, impl, two_phase, collect_stats, True,
+  state, stats, auxes, saved = _forward(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, True,
                                         layer_params, queries_LxKxD, gains_LxKxD, embedding_BxTxD, consts)
   return (state, stats, auxes), (layer_params, queries_LxKxD, gains_LxKxD, consts, state, saved)
 
 
-def _replay_sublayer_input(query_D, gain_D, sources_NxBxTxD, partial_BxTxD, *, starts_block, slot, eps, impl):
+def _replay_sublayer_input(query_D, gain_D, sources_NxBxTxD, partial_BxTxD, *, starts_block, slot, eps, impl,
+                           rule):
   """`sublayer_input` and the seal as a pure function of a read-only buffer, for `jax.vjp`.
 
   Returns h, the partial after the seal, and what the seal writes (the partial),
   whose cotangent the caller reads from the buffer's.
   """
   h_BxTxD = sublayer_input(query_D, gain_D, sources_NxBxTxD, partial_BxTxD, starts_block=starts_block,
-                           slot=slot, eps=eps, impl=impl)
+                           slot=slot, eps=eps, impl=impl, rule=rule)
   partial_after_BxTxD = jnp.where(starts_block, jnp.zeros_like(partial_BxTxD), partial_BxTxD)
   return h_BxTxD, partial_after_BxTxD, partial_BxTxD
 
 
-def _attnres_loop_bwd(sublayers, schedule, remat, eps, impl, two_phase, collect_stats, residuals, cotangents):
+def _attnres_loop_bwd(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, residuals, cotangents):
   del two_phase  # the backward replays each sublayer's direct mix against the final buffer
   layer_params, queries_LxKxD, gains_LxKxD, consts, final, saved = residuals
   saved_PxBxTxD, sublayer_vjps, outputs = saved
@@ -327,7 +340,7 @@ def _attnres_loop_bwd(sublayers, schedule, remat, eps, impl, two_phase, collect_
     mix_vjps, sublayer_vjps_k = [], []
     for k, sublayer in enumerate(sublayers):  # replay the layer forward
       replay = functools.partial(_replay_sublayer_input, starts_block=starts_block_K[k], slot=slot_K[k], eps=eps,
-                                 impl=impl)
+                                 impl=impl, rule=rule)
       (h_BxTxD, partial_BxTxD, _), mix_vjp = jax.vjp(
           replay, queries_KxD[k], gains_KxD[k], final.sources_NxBxTxD, partial_BxTxD)
       mix_vjps.append(mix_vjp)
