@@ -8,6 +8,7 @@ its checkpoint, so rerunning a killed sweep picks up where it stopped.
   python -m experiments.sweep --sweep=experiments/sweeps/table4.py --workdir=sweeps/table4
   python -m experiments.sweep --sweep=... --workdir=... --print_commands   # one line per run, for a cluster
   python -m experiments.sweep --sweep=... --workdir=... --collect          # results only
+  python -m experiments.sweep --sweep=... --workdir=... --shard=1/2        # every 2nd run from the 2nd: one of 2 workers
 
 Collecting writes `results.csv` (one row per run), `results.md` (mean +- std
 of the final validation loss over seeds) and `results.png` into the workdir;
@@ -76,13 +77,17 @@ def _import_file(path: str, name: str):
   return module
 
 
+def _overrides(sweep: Sweep, run: Run, seed: int) -> dict[str, Any]:
+  """The sweep's common overrides, then the run's, then the seed (it sets both init and data order)."""
+  return {**sweep.common, **run.overrides, "train.seed": seed, "data.seed": seed}
+
+
 def run_config(sweep: Sweep, run: Run, seed: int) -> ml_collections.ConfigDict:
   """The run's config as `attnres_jax.main` will build it (config file, its argument, then the overrides)."""
   path, _, argument = run.config.partition(":")
   module = _import_file(path, "sweep_run_config")
   config = module.get_config(argument) if argument else module.get_config()
-  overrides = {**sweep.common, **run.overrides, "train.seed": seed, "data.seed": seed}
-  for field, value in overrides.items():
+  for field, value in _overrides(sweep, run, seed).items():
     *parents, leaf = field.split(".")
     section = config
     for parent in parents:
@@ -108,10 +113,23 @@ def run_dir(root: str, run: Run, seed: int) -> str:
 
 
 def command(sweep: Sweep, run: Run, seed: int, root: str) -> list[str]:
-  """The `attnres_jax.main` command line of one run (the seed sets both init and data order)."""
-  overrides = {**sweep.common, **run.overrides, "train.seed": seed, "data.seed": seed}
+  """The `attnres_jax.main` command line of one run."""
   return [sys.executable, "-m", "attnres_jax.main", f"--config={run.config}", f"--workdir={run_dir(root, run, seed)}",
-          *(f"--config.{field}={value}" for field, value in overrides.items())]
+          *(f"--config.{field}={value}" for field, value in _overrides(sweep, run, seed).items())]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+  """`i/n` (0 <= i < n): this worker trains the runs whose position in the sweep is i mod n."""
+  index, _, count = text.partition("/")
+  if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+    raise argparse.ArgumentTypeError(f"--shard={text}: expected i/n with 0 <= i < n, e.g. 0/2")
+  return int(index), int(count)
+
+
+def runs_and_seeds(sweep: Sweep, shard: tuple[int, int] = (0, 1)) -> list[tuple[Run, int]]:
+  """The sweep's (run, seed) pairs in order, every n-th one from the i-th for shard (i, n)."""
+  pairs = [(run, seed) for run in sweep.runs for seed in sweep.seeds]
+  return pairs[shard[0]::shard[1]]
 
 
 def run_result(run: Run, seed: int, workdir: str) -> dict[str, Any]:
@@ -126,23 +144,22 @@ def run_result(run: Run, seed: int, workdir: str) -> dict[str, Any]:
           "compute": tokens * train_flops_per_token(config.model, config.data.seq_len)}
 
 
-def execute(sweep: Sweep, root: str) -> None:
-  """Trains every unfinished run in order; a failing run stops the sweep with its exit code."""
+def execute(sweep: Sweep, root: str, shard: tuple[int, int] = (0, 1)) -> None:
+  """Trains every unfinished run of the shard in order; a failing run stops the sweep with its exit code."""
   check_runs(sweep)
-  for run in sweep.runs:
-    for seed in sweep.seeds:
-      workdir = run_dir(root, run, seed)
-      if os.path.exists(os.path.join(workdir, RESULT)):
-        print(f"[sweep] {run.name} seed {seed}: finished, skipped", flush=True)
-        continue
-      print(f"[sweep] {run.name} seed {seed}: {shlex.join(command(sweep, run, seed, root))}", flush=True)
-      code = subprocess.call(command(sweep, run, seed, root))
-      if code:
-        raise SystemExit(f"error: run {run.name} seed {seed} failed with exit code {code}; rerun to resume")
-      result = run_result(run, seed, workdir)
-      with open(os.path.join(workdir, RESULT + ".tmp"), "w", encoding="utf-8") as f:
-        json.dump(result, f)
-      os.replace(os.path.join(workdir, RESULT + ".tmp"), os.path.join(workdir, RESULT))
+  for run, seed in runs_and_seeds(sweep, shard):
+    workdir = run_dir(root, run, seed)
+    if os.path.exists(os.path.join(workdir, RESULT)):
+      print(f"[sweep] {run.name} seed {seed}: finished, skipped", flush=True)
+      continue
+    print(f"[sweep] {run.name} seed {seed}: {shlex.join(command(sweep, run, seed, root))}", flush=True)
+    code = subprocess.call(command(sweep, run, seed, root))
+    if code:
+      raise SystemExit(f"error: run {run.name} seed {seed} failed with exit code {code}; rerun to resume")
+    result = run_result(run, seed, workdir)
+    with open(os.path.join(workdir, RESULT + ".tmp"), "w", encoding="utf-8") as f:
+      json.dump(result, f)
+    os.replace(os.path.join(workdir, RESULT + ".tmp"), os.path.join(workdir, RESULT))
 
 
 def collect(sweep: Sweep, root: str) -> list[dict]:
@@ -191,15 +208,16 @@ def main(argv: list[str] | None = None) -> None:
   mode = parser.add_mutually_exclusive_group()
   mode.add_argument("--print_commands", action="store_true", help="print one command line per run, run nothing")
   mode.add_argument("--collect", action="store_true", help="only collect the finished runs' results")
+  parser.add_argument("--shard", type=parse_shard, default=(0, 1),
+                      help="i/n: train (or print) only every n-th run from the i-th, for n parallel workers")
   args = parser.parse_args(argv)
   sweep = load_sweep(args.sweep)
   if args.print_commands:
-    for run in sweep.runs:
-      for seed in sweep.seeds:
-        print(shlex.join(command(sweep, run, seed, args.workdir)))
+    for run, seed in runs_and_seeds(sweep, args.shard):
+      print(shlex.join(command(sweep, run, seed, args.workdir)))
     return
   if not args.collect:
-    execute(sweep, args.workdir)
+    execute(sweep, args.workdir, args.shard)
   collect(sweep, args.workdir)
   print(open(os.path.join(args.workdir, "results.md"), encoding="utf-8").read())
 

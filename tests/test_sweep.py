@@ -28,6 +28,9 @@ def test_smoke_sweep_runs_resumes_and_collects(tmp_path, capsys, monkeypatch):
   commands = capsys.readouterr().out.strip().splitlines()
   assert len(commands) == 2 and all("attnres_jax.main" in c and "--config.train.num_steps=3" in c for c in commands)
   assert "--config.data.seed=1" in commands[1] and "--config.model.residual=prenorm" in commands[0]
+  for shard in ("0/2", "1/2"):  # two workers split the runs between them
+    sweep_runner.main([f"--sweep={path}", f"--workdir={root}", "--print_commands", f"--shard={shard}"])
+  assert capsys.readouterr().out.strip().splitlines() == commands
 
   sweep_runner.main([f"--sweep={path}", f"--workdir={root}"])
   assert len(glob.glob(os.path.join(root, "*", "seed*", "result.json"))) == 2
@@ -67,6 +70,15 @@ def test_a_misspelt_override_fails_the_sweep_before_training(tmp_path, monkeypat
   with pytest.raises(SystemExit, match="model.residul"):
     sweep_runner.main([f"--sweep={path}", f"--workdir={tmp_path / 'runs'}"])
   assert not os.path.exists(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("shard", ["2/2", "1", "a/2", "-1/2"])
+def test_a_bad_shard_is_refused(shard, tmp_path, capsys):
+  path = tmp_path / "smoke_sweep.py"
+  path.write_text(SMOKE_SWEEP)
+  with pytest.raises(SystemExit):
+    sweep_runner.main([f"--sweep={path}", f"--workdir={tmp_path / 'runs'}", f"--shard={shard}"])
+  assert "expected i/n" in capsys.readouterr().err
 
 
 def test_scaling_family_keeps_the_papers_ratios_and_the_papers_shapes_build():
