@@ -18,7 +18,7 @@ from flax import nnx
 
 from attnres_jax import Transformer
 from attnres_jax.generate import Generator, Sampling
-from experiments.bench_step import VARIANTS, block_size_label, model_config, parse_variants, print_header
+from experiments.bench_step import add_variant_arguments, block_size_label, model_config, print_header
 
 
 class DecodeTimer:
@@ -53,21 +53,19 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--sublayers", default="16,32", help="comma-separated sublayer counts L")
   parser.add_argument("--d_model", type=int, default=256)
-  parser.add_argument("--residuals", default="prenorm,full,block,block_two_phase", help=f"of {list(VARIANTS)}")
-  parser.add_argument("--num_blocks", type=int, default=8, help="Block AttnRes N; S = L // N")
+  add_variant_arguments(parser, "prenorm,full,block,block_two_phase")
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--prompt_length", type=int, default=128)
   parser.add_argument("--window", type=int, default=512, help="KV-cache positions")
   parser.add_argument("--new_tokens", type=int, default=64, help="decode steps timed per variant (median)")
   parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds of one prefill and some steps")
   args = parser.parse_args()
-  residuals = parse_variants(args.residuals)
   print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, batch {args.batch}, prompt {args.prompt_length}, "
         f"window {args.window}, d {args.d_model}, Block N = {args.num_blocks}")
   print_header("| L | residual | S | prefill ms | x base | decode ms/token | x base |")
   for num_sublayers in map(int, args.sublayers.split(",")):
     configs = {residual: model_config(residual, num_sublayers, args.d_model, args.num_blocks, remat="none")
-               for residual in residuals}
+               for residual in args.residuals}
     timers = {residual: DecodeTimer(config, args.batch, args.prompt_length, args.window)
               for residual, config in configs.items()}
     for _ in range(args.rounds):  # interleaved, so that drifts of the machine hit every variant alike

@@ -22,7 +22,7 @@ from flax import nnx
 from attnres_jax import Transformer
 from attnres_jax.train.dynamics import DynamicsLog, make_dynamics_step
 from attnres_jax.train.steps import init_train_state, make_train_step
-from experiments.bench_step import model_config, parse_variants, print_header
+from experiments.bench_step import add_variant_arguments, model_config, print_header
 
 
 def median_seconds(call, repeats: int) -> float:
@@ -62,8 +62,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--sublayers", type=int, default=16)
   parser.add_argument("--d_model", type=int, default=256)
-  parser.add_argument("--residuals", default="prenorm,full,block")
-  parser.add_argument("--num_blocks", type=int, default=8, help="Block AttnRes N; S = L // N")
+  add_variant_arguments(parser, "prenorm,full,block")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq_len", type=int, default=128)
   parser.add_argument("--every", type=int, default=100, help="config.train.dynamics_every")
@@ -74,7 +73,7 @@ def main():
   print_header("| residual | train step ms | x base | dynamics step ms | / train step | write ms "
                f"| overhead at every={args.every} |")
   baseline = None
-  for residual in parse_variants(args.residuals):
+  for residual in args.residuals:
     config = model_config(residual, args.sublayers, args.d_model, args.num_blocks, "full")
     result = measure(config, args.batch, args.seq_len, args.repeats)
     baseline = baseline or result

@@ -42,8 +42,15 @@ def parse_variants(residuals: str) -> list[str]:
   """`--residuals`: comma-separated names of VARIANTS, PreNorm first (the baseline of every ratio)."""
   variants = residuals.split(",")
   if variants[0] != "prenorm" or not set(variants) <= set(VARIANTS):
-    raise SystemExit(f"--residuals must start with prenorm (the baseline of the ratios) and name only {list(VARIANTS)}")
+    raise argparse.ArgumentTypeError(
+        f"--residuals must start with prenorm (the baseline of the ratios) and name only {list(VARIANTS)}")
   return variants
+
+
+def add_variant_arguments(parser: argparse.ArgumentParser, residuals: str) -> None:
+  """The benchmarks' shared `--residuals` (parsed into a list of VARIANTS) and `--num_blocks` flags."""
+  parser.add_argument("--residuals", type=parse_variants, default=residuals, help=f"of {list(VARIANTS)}")
+  parser.add_argument("--num_blocks", type=int, default=8, help="Block AttnRes N; S = L // N")
 
 
 def block_size_label(config) -> str:
@@ -79,21 +86,19 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--sublayers", default="8,16,32", help="comma-separated sublayer counts L")
   parser.add_argument("--d_models", default="256,512")
-  parser.add_argument("--residuals", default="prenorm,full,block,block_two_phase", help=f"of {list(VARIANTS)}")
-  parser.add_argument("--num_blocks", type=int, default=8, help="Block AttnRes N; S = L // N")
+  add_variant_arguments(parser, "prenorm,full,block,block_two_phase")
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--seq_len", type=int, default=128)
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--remat", default="full", choices=["none", "full", "save_dots"])
   args = parser.parse_args()
-  residuals = parse_variants(args.residuals)
   print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, batch {args.batch}, seq_len {args.seq_len}, "
         f"remat {args.remat}, Block N = {args.num_blocks}")
   print_header("| L | d | residual | S | step ms | x base | compile s | x base | temp MiB | x base |")
   for num_sublayers in map(int, args.sublayers.split(",")):
     for d_model in map(int, args.d_models.split(",")):
       baseline = None
-      for residual in residuals:
+      for residual in args.residuals:
         config = model_config(residual, num_sublayers, d_model, args.num_blocks, args.remat)
         result = measure(config, args.batch, args.seq_len, args.steps)
         baseline = baseline or result
