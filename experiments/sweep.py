@@ -32,6 +32,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 import numpy as np  # noqa: E402
+import scipy.stats  # noqa: E402
 
 import ml_collections  # noqa: E402
 
@@ -58,6 +59,7 @@ class Sweep:
   runs: tuple[Run, ...]
   seeds: tuple[int, ...] = (0,)
   common: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides of every run (applied first)
+  compare: bool = True  # results.md compares every run with the first, paired by seed
 
 
 def load_sweep(path: str) -> Sweep:
@@ -162,6 +164,41 @@ def execute(sweep: Sweep, root: str, shard: tuple[int, int] = (0, 1)) -> None:
     os.replace(os.path.join(workdir, RESULT + ".tmp"), os.path.join(workdir, RESULT))
 
 
+def _std(values: list[float]) -> float:
+  return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _paired_cells(losses: dict[int, float], reference: dict[int, float]) -> list[str]:
+  """Mean difference to the reference over their common seeds +- its standard error, in how many seeds it is
+  lower, and the paired t-test p."""
+  common = sorted(set(losses) & set(reference))
+  if not common:
+    return ["", "", ""]
+  differences = [losses[seed] - reference[seed] for seed in common]
+  p_value = "-"
+  if len(common) > 1:
+    p_value = f"{scipy.stats.ttest_rel([losses[s] for s in common], [reference[s] for s in common]).pvalue:.3f}"
+  return [f"{np.mean(differences):+.4f} +- {_std(differences) / np.sqrt(len(common)):.4f}",
+          f"{sum(d < 0 for d in differences)}/{len(common)}", p_value]
+
+
+def seed_table(summary: list[tuple[str, dict[int, float]]], compare: bool = True) -> str:
+  """A markdown table of each run's final validation loss (mean +- std over seeds) and, if `compare`, its
+  difference to the first run paired by seed (a seed fixes init and data order, so pairing removes that noise)."""
+  reference_name, reference = summary[0]
+  lines = ["| run | seeds | validation loss (mean +- std) |", "|---|---|---|"]
+  if compare:
+    lines = [lines[0] + f" - {reference_name}, paired (mean +- s.e.) | seeds below {reference_name} | p (paired t) |",
+             lines[1] + "---|---|---|"]
+  for name, losses in summary:
+    values = list(losses.values())
+    cells = [name, str(len(values)), f"{np.mean(values):.4f} +- {_std(values):.4f}"]
+    if compare:
+      cells += ["", "", ""] if name == reference_name else _paired_cells(losses, reference)
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def collect(sweep: Sweep, root: str) -> list[dict]:
   """Writes results.csv, results.md and results.png from the finished runs; returns the CSV rows."""
   rows = []
@@ -177,19 +214,13 @@ def collect(sweep: Sweep, root: str) -> list[dict]:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-  summary = []
-  for run in sweep.runs:
-    losses = np.array([r["loss"] for r in rows if r["name"] == run.name])
-    if losses.size:
-      summary.append((run.name, losses))
+  summary = [(run.name, {r["seed"]: r["loss"] for r in rows if r["name"] == run.name}) for run in sweep.runs]
+  summary = [(name, losses) for name, losses in summary if losses]
   with open(os.path.join(root, "results.md"), "w", encoding="utf-8") as f:
-    f.write("| run | seeds | validation loss (mean +- std over seeds) |\n|---|---|---|\n")
-    for name, losses in summary:
-      spread = losses.std(ddof=1) if losses.size > 1 else 0.0
-      f.write(f"| {name} | {losses.size} | {losses.mean():.4f} +- {spread:.4f} |\n")
+    f.write(seed_table(summary, sweep.compare))
   figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(summary) + 2), 4.5))
-  means = [losses.mean() for _, losses in summary]
-  errors = [losses.std(ddof=1) if losses.size > 1 else 0.0 for _, losses in summary]
+  means = [np.mean(list(losses.values())) for _, losses in summary]
+  errors = [_std(list(losses.values())) for _, losses in summary]
   axis.errorbar(np.arange(len(summary)), means, yerr=errors, fmt="o", capsize=4)
   axis.set_xticks(np.arange(len(summary)), [name for name, _ in summary], rotation=45, ha="right")
   axis.set_ylabel("final validation loss (nats)")

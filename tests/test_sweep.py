@@ -5,6 +5,7 @@ import csv
 import glob
 import os
 
+import numpy as np
 import pytest
 
 from experiments import sweep as sweep_runner
@@ -40,7 +41,7 @@ def test_smoke_sweep_runs_resumes_and_collects(tmp_path, capsys, monkeypatch):
   assert all(r["step"] == "3" and 0 < float(r["loss"]) < 10 and float(r["compute"]) > 0 for r in rows)
   assert rows[0]["loss"] != rows[1]["loss"]  # the seed sets init and data order
   table = open(os.path.join(root, "results.md")).read()
-  assert "| prenorm | 2 |" in table
+  assert "| prenorm | 2 |" in table and "paired" in table
   assert os.path.getsize(os.path.join(root, "results.png")) > 10_000
 
   os.remove(os.path.join(root, "prenorm", "seed1", "result.json"))  # as if killed before it finished
@@ -70,6 +71,18 @@ def test_a_misspelt_override_fails_the_sweep_before_training(tmp_path, monkeypat
   with pytest.raises(SystemExit, match="model.residul"):
     sweep_runner.main([f"--sweep={path}", f"--workdir={tmp_path / 'runs'}"])
   assert not os.path.exists(tmp_path / "runs")
+
+
+def test_seed_table_pairs_differences_by_seed():
+  reference, better = {0: 2.0, 1: 2.1, 2: 2.2}, {2: 2.1, 0: 1.9, 1: 2.05}  # differences -0.1, -0.05, -0.1
+  t = -(0.25 / 3) / (np.std([-0.1, -0.05, -0.1], ddof=1) / np.sqrt(3))  # = -5
+  p_two_sided = 1 - abs(t) / np.sqrt(2 + t * t)  # Student t with 2 degrees of freedom, in closed form
+  table = sweep_runner.seed_table([("base", reference), ("better", better), ("one", {1: 2.2})]).splitlines()
+  assert table[0].count("|") == 7 and table[2].startswith("| base | 3 | 2.1000 +- 0.1000 |")
+  assert table[3] == f"| better | 3 | 2.0167 +- 0.1041 | -0.0833 +- 0.0167 | 3/3 | {p_two_sided:.3f} |"
+  assert table[4] == "| one | 1 | 2.2000 +- 0.0000 | +0.1000 +- 0.0000 | 0/1 | - |"
+  plain = sweep_runner.seed_table([("base", reference), ("better", better)], compare=False).splitlines()
+  assert plain[0].count("|") == 4 and plain[3] == "| better | 3 | 2.0167 +- 0.1041 |"
 
 
 @pytest.mark.parametrize("shard", ["2/2", "1", "a/2", "-1/2"])
