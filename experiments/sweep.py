@@ -11,7 +11,8 @@ its checkpoint, so rerunning a killed sweep picks up where it stopped.
   python -m experiments.sweep --sweep=... --workdir=... --shard=1/2        # every 2nd run from the 2nd: one of 2 workers
 
 Collecting writes `results.csv` (one row per run), `results.md` (mean +- std
-of the final validation loss over seeds) and `results.png` into the workdir;
+of the final validation loss over seeds, differences paired by seed),
+`results.png` and `curves.png` (validation loss against step) into the workdir;
 `results.csv` has the columns `experiments/fit_scaling.py` reads (variant,
 compute = training FLOPs, loss).
 """
@@ -200,16 +201,15 @@ def seed_table(summary: list[tuple[str, dict[int, float]]], compare: bool = True
 
 
 def collect(sweep: Sweep, root: str) -> list[dict]:
-  """Writes results.csv, results.md and results.png from the finished runs; returns the CSV rows."""
-  rows = []
-  for run in sweep.runs:
-    for seed in sweep.seeds:
-      path = os.path.join(run_dir(root, run, seed), RESULT)
-      if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-          rows.append(json.load(f))
-  if not rows:
+  """Writes results.csv, results.md, results.png and curves.png from the finished runs; returns the CSV rows."""
+  finished = [(run, seed) for run, seed in runs_and_seeds(sweep)
+              if os.path.exists(os.path.join(run_dir(root, run, seed), RESULT))]
+  if not finished:
     raise SystemExit(f"error: no finished runs under {root}")
+  rows = []
+  for run, seed in finished:
+    with open(os.path.join(run_dir(root, run, seed), RESULT), encoding="utf-8") as f:
+      rows.append(json.load(f))
   with open(os.path.join(root, "results.csv"), "w", newline="", encoding="utf-8") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
@@ -218,6 +218,12 @@ def collect(sweep: Sweep, root: str) -> list[dict]:
   summary = [(name, losses) for name, losses in summary if losses]
   with open(os.path.join(root, "results.md"), "w", encoding="utf-8") as f:
     f.write(seed_table(summary, sweep.compare))
+  _plot_final_losses(summary, root)
+  _plot_validation_curves(sweep, finished, root)
+  return rows
+
+
+def _plot_final_losses(summary: list[tuple[str, dict[int, float]]], root: str) -> None:
   figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(summary) + 2), 4.5))
   means = [np.mean(list(losses.values())) for _, losses in summary]
   errors = [_std(list(losses.values())) for _, losses in summary]
@@ -229,7 +235,30 @@ def collect(sweep: Sweep, root: str) -> list[dict]:
   figure.tight_layout()
   figure.savefig(os.path.join(root, "results.png"), dpi=110)
   plt.close(figure)
-  return rows
+
+
+def _plot_validation_curves(sweep: Sweep, finished: list[tuple[Run, int]], root: str) -> None:
+  """Validation loss against step per run: the mean over its finished seeds, with a +- std band."""
+  figure, axis = plt.subplots(figsize=(7, 4.5))
+  for run in sweep.runs:
+    curves = [{r["step"]: r["loss"] for r in read_metrics(run_dir(root, run, seed)) if r["split"] == "eval"}
+              for finished_run, seed in finished if finished_run == run]
+    steps = sorted(set.intersection(*(set(curve) for curve in curves))) if curves else []
+    if not steps:
+      continue
+    losses = np.array([[curve[step] for step in steps] for curve in curves])
+    spread = losses.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros(len(steps))
+    line, = axis.plot(steps, losses.mean(axis=0), "o-", markersize=3, label=f"{run.name} ({len(curves)} seeds)")
+    axis.fill_between(steps, losses.mean(axis=0) - spread, losses.mean(axis=0) + spread, color=line.get_color(),
+                      alpha=0.2)
+  axis.set_xlabel("step")
+  axis.set_ylabel("validation loss (nats)")
+  axis.set_title(os.path.basename(os.path.abspath(root)))
+  axis.grid(alpha=0.3)
+  axis.legend(fontsize="small", ncol=2)
+  figure.tight_layout()
+  figure.savefig(os.path.join(root, "curves.png"), dpi=110)
+  plt.close(figure)
 
 
 def main(argv: list[str] | None = None) -> None:

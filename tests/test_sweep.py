@@ -43,6 +43,7 @@ def test_smoke_sweep_runs_resumes_and_collects(tmp_path, capsys, monkeypatch):
   table = open(os.path.join(root, "results.md")).read()
   assert "| prenorm | 2 |" in table and "paired" in table
   assert os.path.getsize(os.path.join(root, "results.png")) > 10_000
+  assert os.path.getsize(os.path.join(root, "curves.png")) > 10_000
 
   os.remove(os.path.join(root, "prenorm", "seed1", "result.json"))  # as if killed before it finished
   capsys.readouterr()
