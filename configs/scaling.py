@@ -7,8 +7,10 @@ are mixture-of-experts, so `d_ff` here is the dense SwiGLU width 8/3 d and the
 parameter counts differ; they read the user's token files. `cpu-1` .. `cpu-5`
 keep the ratios (heads = layers, d_model / layers = 16, d_ff / d_model = 8/3,
 tokens growing faster than parameters) scaled down until the smallest trains in
-a few minutes on a 2-core CPU. Block AttnRes uses about 8 blocks. The residual
-rule is set per run (`--config.model.residual`).
+a few minutes on a 2-core CPU. Block AttnRes uses about 8 blocks at the paper's
+sizes; the CPU sizes have too few sublayers (4 .. 12) for 8 blocks to differ
+from Full AttnRes (S would round to 1), so there a block is one transformer
+layer (S = 2, N = layers). The residual rule is set per run (`--config.model.residual`).
 """
 
 from configs import base
@@ -37,7 +39,7 @@ def get_config(size: str = "cpu-1"):
   layers, d_model, peak_lr, context, batch, steps = SIZES[size]
   config = base.get_config()
   config.model.update(dict(num_layers=layers, num_heads=layers, num_kv_heads=layers, d_model=d_model,
-                           d_ff=-(-8 * d_model // 3 // 16) * 16, block_size=max(1, 2 * layers // 8)))
+                           d_ff=-(-8 * d_model // 3 // 16) * 16, block_size=2 * layers // 8 if size in PAPER else 2))
   config.data.update(dict(seq_len=context, global_batch_size=batch))
   config.optim.update(dict(peak_lr=peak_lr, warmup_steps=max(10, steps // 20)))
   config.train.update(dict(num_steps=steps, eval_every=steps, checkpoint_every=max(50, steps // 4),
