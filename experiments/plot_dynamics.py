@@ -24,8 +24,19 @@ import numpy as np  # noqa: E402
 from attnres_jax.train.dynamics import read_dynamics  # noqa: E402
 
 
-def load_run(workdir: str, step: int | None) -> dict:
-  """The run's name, model config and dynamics record at `step` (None: the latest)."""
+def run_names(workdirs: list[str]) -> list[str]:
+  """The shortest trailing parts of the workdirs' paths that tell them apart, joined by "_" (`a/full/seed0` and
+  `a/block/seed0` are `full_seed0` and `block_seed0`)."""
+  parts = [os.path.abspath(workdir).split(os.sep) for workdir in workdirs]
+  for length in range(1, max(map(len, parts)) + 1):
+    names = ["_".join(p[-length:]).strip("_") for p in parts]
+    if len(set(names)) == len(names):
+      return names
+  raise ValueError(f"the same workdir is given twice: {workdirs}")
+
+
+def load_run(workdir: str, name: str, step: int | None) -> dict:
+  """The run's label, model config and dynamics record at `step` (None: the latest)."""
   records = read_dynamics(workdir)
   if step is None:
     record = records[-1]
@@ -36,8 +47,7 @@ def load_run(workdir: str, step: int | None) -> dict:
     record = matches[0]
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
     model = json.load(f)["model"]
-  label = f"{os.path.basename(os.path.abspath(workdir))} ({model['residual']})"
-  return {"label": label, "model": model, "record": record}
+  return {"name": name, "label": f"{name} ({model['residual']})", "model": model, "record": record}
 
 
 def plot_against_depth(runs: list[dict], key: str, ylabel: str, title: str, path: str) -> None:
@@ -86,15 +96,15 @@ def plot_depth_weights(run: dict, path: str) -> None:
 
 def plot_runs(workdirs: list[str], out: str, step: int | None = None) -> list[str]:
   """Writes the figures for `workdirs` into `out`; returns their paths."""
-  runs = [load_run(workdir, step) for workdir in workdirs]
+  runs = [load_run(workdir, name, step) for workdir, name in zip(workdirs, run_names(workdirs))]
   os.makedirs(out, exist_ok=True)
   paths = [os.path.join(out, "magnitude_vs_depth.png"), os.path.join(out, "grad_norm_vs_depth.png")]
   plot_against_depth(runs, "output_rms", "output RMS", "Sublayer output magnitude vs depth", paths[0])
   plot_against_depth(runs, "grad_norm", "gradient norm of the sublayer's weights", "Gradient norm vs depth",
                      paths[1])
-  for run, workdir in zip(runs, workdirs):
+  for run in runs:
     if "depth_weights" in run["record"]:
-      paths.append(os.path.join(out, f"depth_weights_{os.path.basename(os.path.abspath(workdir))}.png"))
+      paths.append(os.path.join(out, f"depth_weights_{run['name']}.png"))
       plot_depth_weights(run, paths[-1])
   return paths
 

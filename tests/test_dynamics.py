@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from attnres_jax.train.dynamics import make_dynamics_step, read_dynamics
@@ -66,3 +67,12 @@ def test_training_logs_dynamics_and_the_plot_script_draws_them(tmp_path):
     image = matplotlib.image.imread(path)
     assert image.shape[0] > 300 and image.shape[1] > 600
     assert np.ptp(image[..., :3]) > 0.5  # something was drawn, not a blank canvas
+
+
+def test_plotted_runs_are_named_by_the_path_parts_that_tell_them_apart():
+  assert plot_dynamics.run_names(["w/prenorm", "w/block"]) == ["prenorm", "block"]
+  assert plot_dynamics.run_names(["s/full/seed0", "s/block/seed0", "t/block/seed1"]) == [
+      "full_seed0", "block_seed0", "block_seed1"]
+  assert plot_dynamics.run_names(["/a/x/seed0", "/b/x/seed0"]) == ["a_x_seed0", "b_x_seed0"]
+  with pytest.raises(ValueError, match="twice"):
+    plot_dynamics.run_names(["w/full", "w/full/"])
