@@ -207,9 +207,9 @@ def collect(sweep: Sweep, root: str) -> list[dict]:
   if not finished:
     raise SystemExit(f"error: no finished runs under {root}")
   rows = []
-  for run, seed in finished:
+  for run, seed in finished:  # named by this sweep's run: a result may be linked in from another sweep
     with open(os.path.join(run_dir(root, run, seed), RESULT), encoding="utf-8") as f:
-      rows.append(json.load(f))
+      rows.append({**json.load(f), "name": run.name, "variant": run.variant or run.name})
   with open(os.path.join(root, "results.csv"), "w", newline="", encoding="utf-8") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()

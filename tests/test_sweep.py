@@ -45,6 +45,13 @@ def test_smoke_sweep_runs_resumes_and_collects(tmp_path, capsys, monkeypatch):
   assert os.path.getsize(os.path.join(root, "results.png")) > 10_000
   assert os.path.getsize(os.path.join(root, "curves.png")) > 10_000
 
+  aliased = tmp_path / "aliased_sweep.py"  # a run of another sweep, linked in, counts under this sweep's name
+  aliased.write_text(SMOKE_SWEEP.replace('Run("prenorm"', 'Run("alias"'))
+  os.symlink(os.path.join(root, "prenorm"), os.path.join(root, "alias"))
+  sweep_runner.main([f"--sweep={aliased}", f"--workdir={root}", "--collect"])
+  assert "| alias | 2 |" in open(os.path.join(root, "results.md")).read()
+  os.remove(os.path.join(root, "alias"))
+
   os.remove(os.path.join(root, "prenorm", "seed1", "result.json"))  # as if killed before it finished
   capsys.readouterr()
   sweep_runner.main([f"--sweep={path}", f"--workdir={root}"])
