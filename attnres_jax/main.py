@@ -10,6 +10,7 @@ from ml_collections import config_flags
 
 import jax
 
+from attnres_jax import cli
 from attnres_jax.train.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().",
@@ -38,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,4 +1,4 @@
-"""The scaling family of `attnres-spec.md` section 8: `--config=configs/scaling.py:SIZE`.
+"""The scaling family of docs/method.md §9 and §12.12: `--config=configs/scaling.py:SIZE`.
 
 `paper-194M` .. `paper-528M` are the paper's five shapes (Table 2: layers,
 heads = layers, d_model, learning rate, context 8192, tokens) as dense models

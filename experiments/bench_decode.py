@@ -4,7 +4,7 @@ Each model decodes with the jitted `Generator` (KV cache of `--window`
 positions, greedy sampling so that every variant does the same work); the
 variants are timed in interleaved rounds and ratios are of medians against
 `prenorm` of the same shape in the same run. The paper reports
-< 2 % inference latency overhead for Block AttnRes (`attnres-spec.md` section 6).
+< 2 % inference latency overhead for Block AttnRes (docs/method.md §6).
 
   python -m experiments.bench_decode --sublayers=16 --d_model=256   # from the repository root
 """
@@ -16,7 +16,7 @@ import time
 import jax
 from flax import nnx
 
-from attnres_jax import Transformer
+from attnres_jax import Transformer, cli
 from attnres_jax.generate import Generator, Sampling
 from experiments.bench_step import add_variant_arguments, block_size_label, model_config, print_header
 
@@ -80,4 +80,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_argparse(main)

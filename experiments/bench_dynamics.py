@@ -19,7 +19,7 @@ import optax
 import tensorboardX
 from flax import nnx
 
-from attnres_jax import Transformer
+from attnres_jax import Transformer, cli
 from attnres_jax.train.dynamics import DynamicsLog, make_dynamics_step
 from attnres_jax.train.steps import init_train_state, make_train_step
 from experiments.bench_step import add_variant_arguments, model_config, print_header
@@ -84,4 +84,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_argparse(main)

@@ -21,6 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from attnres_jax import cli
 from attnres_jax.kernels.depth_attention_op import batched_depth_attention
 from attnres_jax.kernels.depth_attention_pallas import Target, depth_attention_pallas
 
@@ -126,4 +127,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_argparse(main)

@@ -16,14 +16,14 @@ import time
 import jax
 from flax import nnx
 
-from attnres_jax import Transformer
+from attnres_jax import Transformer, cli
 from attnres_jax.train.loss import next_token_loss
 from configs import base
 
 
 VARIANTS = {"prenorm": dict(residual="prenorm"), "full": dict(residual="full"), "block": dict(residual="block"),
             "block_two_phase": dict(residual="block", two_phase=True),
-            # ablation baselines (spec section 7)
+            # ablation baselines (docs/method.md §8)
             "mhc": dict(residual="mhc"), "denseformer": dict(residual="full", depth_logits="learned",
                                                             depth_normalization="none"),
             "full_input_dependent_query": dict(residual="full", depth_query_projection=True)}
@@ -109,4 +109,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_argparse(main)

@@ -1,4 +1,4 @@
-"""Scaling-law fits `L = A * C^-alpha` per variant, and each variant's compute multiplier (`attnres-spec.md` section 8).
+"""Scaling-law fits `L = A * C^-alpha` per variant, and each variant's compute multiplier (docs/method.md §9).
 
 Fits are least squares in log space, `log L = log A - alpha log C`, with
 standard errors from the fit's covariance. A variant's compute multiplier
@@ -21,6 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 import numpy as np  # noqa: E402
 import scipy.stats  # noqa: E402
+
+from attnres_jax import cli  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,4 +113,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_argparse(main)

@@ -1,4 +1,4 @@
-"""Plots of training dynamics (`attnres-spec.md` section 9, the paper's Figures 5 and 8) from workdirs.
+"""Plots of training dynamics (docs/method.md §10, the paper's Figures 5 and 8) from workdirs.
 
   python -m experiments.plot_dynamics --workdir=runs/prenorm --compare=runs/block --compare=runs/full
 
@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 import numpy as np  # noqa: E402
 
+from attnres_jax import cli  # noqa: E402
 from attnres_jax.train.dynamics import read_dynamics  # noqa: E402
 
 
@@ -122,4 +123,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_argparse(main)

@@ -37,6 +37,7 @@ import scipy.stats  # noqa: E402
 
 import ml_collections  # noqa: E402
 
+from attnres_jax import cli  # noqa: E402
 from attnres_jax.config_checks import check_run_config  # noqa: E402
 from attnres_jax.train.flops import train_flops_per_token  # noqa: E402
 from attnres_jax.train.metrics import read_metrics  # noqa: E402
@@ -283,4 +284,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_argparse(main)

@@ -1,7 +1,7 @@
-"""An independent, literal implementation of the spec, for tests only.
+"""An independent, literal implementation of docs/method.md §1-§5 and §8, for tests only.
 
 Python lists of sources, one plain softmax over keys per sublayer, the state
-update of `attnres-spec.md` section 4 written exactly as the spec states it.
+update of docs/method.md §4 written exactly as that section states it.
 It shares the model's parameters and sublayer functions, not its depth loop
 or its mixing code.
 """
@@ -16,7 +16,7 @@ from attnres_jax.model.layers import rope_tables
 
 
 def depth_attention(sources, query, gain, eps):
-  """Spec section 2 written out with jnp, independent of the package's mixing code."""
+  """docs/method.md §2 written out with jnp, independent of the package's mixing code."""
   v = sources.astype(jnp.promote_types(sources.dtype, jnp.float32))
   keys = gain * v / jnp.sqrt(jnp.mean(v * v, axis=-1, keepdims=True) + eps)
   weights = jax.nn.softmax(jnp.einsum("s...d,d->s...", keys, query), axis=0)
@@ -29,7 +29,7 @@ def layer_at(model, j):
 
 
 def reference_logits(model, tokens_BxT, record_sources=None):
-  """Logits of `model` with its depth loop replaced by the literal spec.
+  """Logits of `model` with its depth loop replaced by the literal docs/method.md §4.
 
   If `record_sources` is a list, the list of source values each sublayer
   attends to is appended to it (then the output query's).
@@ -50,7 +50,7 @@ def reference_logits(model, tokens_BxT, record_sources=None):
     gains, output_gain = model.depth.gains()
     blocks, partial = [], x
     for l in range(model.num_sublayers):
-      sources = blocks + [partial]  # spec: mix first, then seal at a block start
+      sources = blocks + [partial]  # docs/method.md §4: mix first, then seal at a block start
       query, gain = model.depth.pseudo_query[...][l // 2, l % 2], gains[l // 2, l % 2]
       h = depth_attention(jnp.stack(sources), query, gain, eps)
       if l % model.block_size == 0:
@@ -70,7 +70,7 @@ def reference_logits(model, tokens_BxT, record_sources=None):
 
 
 def full_variant_mix(model, values, query, gain, projection=None):
-  """`h` over the sources `values` of Full AttnRes under the model's ablation rule (spec section 7), literally:
+  """`h` over the sources `values` of Full AttnRes under the model's ablation rule (docs/method.md §8), literally:
   learned logits (input-independent mixing), raw learned weights (DenseFormer), or the query `w + W v_newest`."""
   rule, v = model.mixing_rule, jnp.stack(values)
   if rule.logits == "learned":
@@ -86,7 +86,7 @@ def full_variant_mix(model, values, query, gain, projection=None):
 
 
 def full_reference_logits(model, tokens_BxT):
-  """Full AttnRes literally (spec section 3): sublayer l attends to v_0 .. v_{l-1}; also its section 7 variants."""
+  """Full AttnRes literally (docs/method.md §3): sublayer l attends to v_0 .. v_{l-1}; also its §8 variants."""
   x = jnp.take(model.embedding[...], tokens_BxT, axis=0).astype(model.dtype)
   rope = rope_tables(jnp.arange(tokens_BxT.shape[1]), model.head_dim, model.rope_theta)
   gains, output_gain = model.depth.gains()
@@ -111,7 +111,7 @@ def full_reference_logits(model, tokens_BxT):
 
 
 def mhc_reference_logits(model, tokens_BxT):
-  """mHC literally (spec section 7): a Python list of m streams, coefficients per token, a plain Sinkhorn loop."""
+  """mHC literally (docs/method.md §12.9): a Python list of m streams, per-token coefficients, plain Sinkhorn."""
   x = jnp.take(model.embedding[...], tokens_BxT, axis=0).astype(model.dtype)
   rope = rope_tables(jnp.arange(tokens_BxT.shape[1]), model.head_dim, model.rope_theta)
   mixing, m = model.stream_mixing, model.stream_mixing.streams

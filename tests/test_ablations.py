@@ -1,4 +1,4 @@
-"""Ablation variants of the depth-mixing rule (spec section 7): each one's defining property, and every
+"""Ablation variants of the depth-mixing rule (docs/method.md §8): each one's defining property, and every
 config under `configs/ablations/` trains one step (mHC: `test_hyper_connections.py`)."""
 
 import importlib

@@ -10,8 +10,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from attnres_jax.data import corpus, eval_batches, load_splits, train_iterator
-from attnres_jax.data.token_files import open_token_files, write_token_files
+from attnres_jax.data import corpus, eval_batches, load_splits, token_files, train_iterator
+from attnres_jax.data.token_files import TokenFileWriter, open_token_files, write_token_files
 
 RNG = np.random.default_rng(0)
 
@@ -67,6 +67,7 @@ def test_prepare_data_round_trip(tmp_path):
   assert sum(provenance["bytes"].values()) == sum(map(len, files.values()))
   assert splits.metadata["dtype"] == "uint16" and splits.metadata["vocab_size"] == 256
   assert splits.metadata["sha256"]["train"] == hashlib.sha256((out / "train.bin").read_bytes()).hexdigest()
+  assert splits.metadata["max_token_id"] == {split: int(tokens.max()) for split, tokens in expected.items()}
 
 
 def test_split_is_per_path_and_stable(tmp_path):
@@ -116,6 +117,16 @@ def test_writer_replaces_token_files_atomically(tmp_path):
   assert splits.metadata["dtype"] == "uint32" and splits.metadata["provenance"] == {"run": 2}
   np.testing.assert_array_equal(splits.train, np.arange(7))
   assert os.listdir(tmp_path) == ["tokens"]
+
+
+def test_writer_records_the_largest_id_of_each_split(tmp_path):
+  with TokenFileWriter(str(tmp_path / "tokens"), vocab_size=300) as writer:
+    for chunk in ([3, 250, 7], [1], [299, 0]):
+      writer.write("train", np.array(chunk))
+    writer.write("val", np.array([5, 2]))
+    metadata = writer.commit({})
+  assert metadata["max_token_id"] == {"train": 299, "val": 5}
+  assert json.loads((tmp_path / "tokens" / "metadata.json").read_text())["max_token_id"] == {"train": 299, "val": 5}
 
 
 # --- the stdlib corpus --------------------------------------------------------------------------
@@ -184,6 +195,10 @@ BREAKAGES = {
     "count_mismatch": (lambda p: break_metadata(p, num_tokens={"train": 5, "val": 20}), ValueError,
                        "metadata.json says 5"),
     "vocab_too_large": (lambda p: break_metadata(p, vocab_size=512), ValueError, "config.model.vocab_size=256"),
+    "recorded_id_out_of_range": (lambda p: break_metadata(p, max_token_id={"train": 300, "val": 19}), ValueError,
+                                 "token id 300"),  # train.bin itself is fine: caught from the metadata alone
+    "malformed_max_token_id": (lambda p: break_metadata(p, max_token_id={"train": 99}), ValueError,
+                               "max_token_id"),
     "token_out_of_range": (lambda p: (p / "val.bin").write_bytes(np.full(20, 300, "<u2").tobytes()), ValueError,
                            "token id 300"),
     "empty_split": (lambda p: ((p / "val.bin").write_bytes(b""), break_metadata(p, num_tokens={
@@ -217,6 +232,61 @@ def test_smaller_data_vocab_is_accepted(tmp_path):
   write_token_files(str(tmp_path), np.arange(50), np.arange(10), vocab_size=64, provenance={})
   splits = load_splits(data_config(path=str(tmp_path)), vocab_size=256)
   assert isinstance(splits.train, np.memmap) and splits.train.dtype == np.dtype("<u2")
+
+
+# --- checking ids against max_token_id: a sample, not the whole split ---------------------------
+
+NUM_TOKENS = 10_000
+
+
+@pytest.fixture
+def sampled_tokens(tmp_path, monkeypatch):
+  """A token-files directory (ids < 200, vocab 256) whose train split is much larger than its check sample;
+  returns the directory and the train positions the sample covers."""
+  monkeypatch.setattr(token_files, "SAMPLE_CHUNK_BYTES", 64)  # 32 uint16 tokens a chunk
+  path = tmp_path / "tokens"
+  write_token_files(str(path), np.arange(NUM_TOKENS) % 200, np.arange(20), vocab_size=256, provenance={})
+  covered = np.zeros(NUM_TOKENS, bool)
+  for start, stop in token_files.sample_ranges(NUM_TOKENS, 32):
+    covered[start:stop] = True
+  assert covered[0] and covered[-1] and covered.sum() <= token_files.SAMPLE_CHUNKS * 32
+  return path, covered
+
+
+def replace_token(path, position: int, token_id: int) -> None:
+  """Rewrites one id of train.bin in place (same size, metadata unchanged)."""
+  tokens = np.fromfile(path / "train.bin", "<u2")
+  tokens[position] = token_id
+  tokens.tofile(path / "train.bin")
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_sample_catches_ids_above_the_recorded_maximum(sampled_tokens, where):
+  path, covered = sampled_tokens
+  inside = np.flatnonzero(covered)
+  replace_token(path, {"first": 0, "middle": inside[len(inside) // 2], "last": NUM_TOKENS - 1}[where], 250)
+  with pytest.raises(ValueError, match="train.bin holds token id 250.*max_token_id=199"):  # 250 < vocab_size
+    open_token_files(str(path), vocab_size=256)
+
+
+def test_open_reads_only_the_sample(sampled_tokens):
+  path, covered = sampled_tokens
+  replace_token(path, np.flatnonzero(~covered)[0], 300)  # any full read would find 300 >= vocab_size
+  splits = open_token_files(str(path), vocab_size=256)
+  assert splits.metadata["max_token_id"]["train"] == 199
+
+
+def test_metadata_without_max_token_id_is_scanned_in_full(sampled_tokens, caplog):
+  path, covered = sampled_tokens
+  metadata = json.loads((path / "metadata.json").read_text())
+  del metadata["max_token_id"]
+  (path / "metadata.json").write_text(json.dumps(metadata))
+  open_token_files(str(path), vocab_size=256)
+  assert '"max_token_id": {"train": 199, "val": 19}' in caplog.text  # the line to add, in the warning
+  assert "max_token_id" not in json.loads((path / "metadata.json").read_text())  # the user's data left alone
+  replace_token(path, np.flatnonzero(~covered)[0], 300)
+  with pytest.raises(ValueError, match="train.bin holds token id 300 >= vocab_size=256"):
+    open_token_files(str(path), vocab_size=256)
 
 
 # --- pipelines ----------------------------------------------------------------------------------

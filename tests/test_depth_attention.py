@@ -1,4 +1,4 @@
-"""depth_attention against a plain per-token, per-source loop (spec section 2, 6)."""
+"""depth_attention against a plain per-token, per-source loop (docs/method.md §2, §6)."""
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +90,7 @@ def test_key_norm_makes_logits_scale_invariant():
 
 
 def test_merging_one_source_by_lse_equals_joint_softmax():
-  """Spec section 6: phase-1 statistics merged with one more source are exact."""
+  """docs/method.md §6: phase-1 statistics merged with one more source are exact."""
   sources, query, gain = random_inputs(5)
   inv = inverse_rms(sources, 1e-6)
   mixture, lse, _ = attend(sources[:-1], inv[:-1], query * gain)

@@ -1,4 +1,4 @@
-"""Training dynamics (spec section 9): the logged statistics are the model's, the logger runs inside training,
+"""Training dynamics (docs/method.md §10): the logged statistics are the model's, the logger runs inside training,
 and the plot script draws every figure."""
 
 import os

@@ -1,4 +1,4 @@
-"""The scaling-law fit recovers a known law and its compute multiplier (spec section 8)."""
+"""The scaling-law fit recovers a known law and its compute multiplier (docs/method.md §9)."""
 
 import numpy as np
 import pytest
@@ -19,7 +19,7 @@ def test_fit_recovers_a_known_law_and_its_uncertainty_covers_the_truth():
 
 
 def test_compute_multiplier_of_the_papers_laws():
-  """Spec section 8: Block 1.870 C^-0.058 vs baseline 1.891 C^-0.057 is about 1.25x at the paper's losses."""
+  """docs/method.md §9: Block 1.870 C^-0.058 vs baseline 1.891 C^-0.057 is about 1.25x at the paper's losses."""
   compute = np.geomspace(1e-1, 1e1, 5)
   baseline = fit_scaling.fit_power_law(compute, 1.891 * compute**-0.057)
   block = fit_scaling.fit_power_law(compute, 1.870 * compute**-0.058)

@@ -1,4 +1,4 @@
-"""The custom-VJP depth loop has exactly the gradients of the spec (spec sections 2-5)."""
+"""The custom-VJP depth loop has exactly the gradients of docs/method.md §2-§5."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""mHC, the multi-stream hyper-connections baseline (spec section 7): doubly stochastic stream mixing,
+"""mHC, the multi-stream hyper-connections baseline (docs/method.md §8, §12.9): doubly stochastic stream mixing,
 PreNorm while its gates are closed, exact gradients."""
 
 import jax

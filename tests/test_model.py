@@ -1,4 +1,4 @@
-"""The model computes exactly the spec (sections 2-5), is causal, and runs in bfloat16."""
+"""The model computes exactly docs/method.md §2-§5, is causal, and runs in bfloat16."""
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,7 @@ def test_logits_match_literal_spec(residual, block_size):
 def test_block_size_one_equals_full():
   block, full = make_model("block", block_size=1), make_model("full")
   tokens = random_tokens()
-  want = full_reference_logits(full, tokens)  # spec section 3, written independently of blocks
+  want = full_reference_logits(full, tokens)  # docs/method.md §3, written independently of blocks
   assert max_rel_error(full(tokens), want) < 1e-5
   assert max_rel_error(block(tokens), want) < 1e-5
 
@@ -38,7 +38,7 @@ def test_zero_init_queries_compute_prenorm(residual, block_size):
 
 
 def visible_sources(num_sublayers, block_size):
-  """Spec section 4 as a table: (sealed slots, sees partial) for each sublayer, then the output."""
+  """docs/method.md §4 as a table: (sealed slots, sees partial) for each sublayer, then the output."""
   rows = [(l // block_size + 1, l % block_size != 0) for l in range(num_sublayers)]
   return rows + [(-(-num_sublayers // block_size), True)]
 
@@ -60,7 +60,7 @@ def test_source_sets_follow_spec(block_size):
 
 @pytest.mark.parametrize("block_size", [2, 4])
 def test_recorded_source_sets_of_the_literal_reference(block_size):
-  """The reference the model is compared against attends to the spec's sources."""
+  """The reference the model is compared against attends to the sources of docs/method.md §4."""
   model = make_model("block", block_size=block_size)
   recorded = []
   reference_logits(model, random_tokens(), record_sources=recorded)

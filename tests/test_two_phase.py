@@ -1,4 +1,4 @@
-"""Two-phase Block AttnRes (spec section 6) equals the direct computation, at no extra peak memory."""
+"""Two-phase Block AttnRes (docs/method.md §6) equals the direct computation, at no extra peak memory."""
 
 import jax
 import jax.numpy as jnp

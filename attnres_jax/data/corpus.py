@@ -28,7 +28,7 @@ from attnres_jax.data.token_files import SPLITS, TokenFileWriter, read_metadata
 
 VOCAB_SIZE = 256
 SEPARATOR = 0
-BUILDER_VERSION = 1  # bump when the tokenisation changes: invalidates cached stdlib corpora
+BUILDER_VERSION = 2  # bump when the tokenisation or the metadata changes: invalidates cached stdlib corpora
 VAL_BUCKETS = 10_000
 READ_CHUNK_BYTES = 1 << 24
 STDLIB_EXCLUDED_DIRS = ("site-packages", "dist-packages")

@@ -12,6 +12,7 @@ import os
 
 from absl import app, flags
 
+from attnres_jax import cli
 from attnres_jax.data.corpus import build_byte_corpus, list_files
 
 _INPUT_DIR = flags.DEFINE_string("input_dir", None, "Directory searched recursively for text files.", required=True)
@@ -34,4 +35,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

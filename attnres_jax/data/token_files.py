@@ -10,7 +10,12 @@ Format: a directory holding
   - `vocab_size` (int): every token id is `< vocab_size`,
   - `dtype` (`"uint16"` or `"uint32"`): the element type of both `.bin` files,
   - `num_tokens` (`{"train": int, "val": int}`): file size / dtype size,
-  and optionally any other fields. `TokenFileWriter` also writes
+  and optionally
+  - `max_token_id` (`{"train": int, "val": int}`): the largest id in each
+    split. `open_token_files` checks it against the vocabulary and checks a
+    sample of each file (a few MB) against it; without it, it reads both splits
+    in full at every start and logs the line to add,
+  and any other fields. `TokenFileWriter` writes `max_token_id` and
   - `sha256` (`{"train": hex, "val": hex}`): digest of each `.bin` file's bytes
     (`sha256sum train.bin` gives the same),
   - `provenance` (object): free-form description of where the tokens came from.
@@ -25,6 +30,7 @@ splits and checks them against the metadata and the model's vocabulary.
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -36,6 +42,9 @@ import numpy as np
 SPLITS = ("train", "val")
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 METADATA = "metadata.json"
+SAMPLE_CHUNKS = 8  # evenly spaced chunks of a split, the first and last included, checked against max_token_id
+SAMPLE_CHUNK_BYTES = 1 << 19  # 512 KiB: a sample reads 4 MiB of a split at most
+SCAN_CHUNK_BYTES = 1 << 26  # at a time, reading all of a split whose metadata has no max_token_id
 
 
 class TokenSplits(NamedTuple):
@@ -74,6 +83,7 @@ class TokenFileWriter:
     self._files: dict[str, Any] = {}
     self._hashes = {split: hashlib.sha256() for split in SPLITS}
     self._num_tokens = dict.fromkeys(SPLITS, 0)
+    self._max_token_id = dict.fromkeys(SPLITS, 0)
 
   def __enter__(self) -> "TokenFileWriter":
     if os.path.isdir(self.directory) and os.listdir(self.directory) and not os.path.isfile(
@@ -93,8 +103,11 @@ class TokenFileWriter:
     tokens = np.asarray(tokens)
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
       raise ValueError(f"tokens must be a 1-D integer array, got {tokens.dtype} of shape {tokens.shape}")
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
-      raise ValueError(f"token ids must be in [0, {self.vocab_size}), got [{tokens.min()}, {tokens.max()}]")
+    if tokens.size:
+      smallest, largest = int(tokens.min()), int(tokens.max())
+      if smallest < 0 or largest >= self.vocab_size:
+        raise ValueError(f"token ids must be in [0, {self.vocab_size}), got [{smallest}, {largest}]")
+      self._max_token_id[split] = max(largest, self._max_token_id[split])
     data = tokens.astype(DTYPES[self.dtype]).tobytes()
     self._files[split].write(data)
     self._hashes[split].update(data)
@@ -110,6 +123,7 @@ class TokenFileWriter:
         "vocab_size": self.vocab_size,
         "dtype": self.dtype,
         "num_tokens": dict(self._num_tokens),
+        "max_token_id": dict(self._max_token_id),
         "sha256": {split: digest.hexdigest() for split, digest in self._hashes.items()},
         "provenance": dict(provenance),
     }
@@ -156,11 +170,37 @@ def read_metadata(directory: str) -> dict[str, Any] | None:
   return metadata if isinstance(metadata, dict) else None
 
 
+def sample_ranges(num_tokens: int, chunk_tokens: int) -> list[tuple[int, int]]:
+  """The `[start, stop)` ranges of a split's check sample: `SAMPLE_CHUNKS` evenly spaced chunks of
+  `chunk_tokens`, the first and the last included; the whole split if that is not more."""
+  if num_tokens <= SAMPLE_CHUNKS * chunk_tokens:
+    return [(0, num_tokens)]
+  starts = np.linspace(0, num_tokens - chunk_tokens, SAMPLE_CHUNKS).round().astype(int)
+  return [(int(start), int(start) + chunk_tokens) for start in starts]
+
+
+def _largest_id(tokens: np.ndarray, ranges: list[tuple[int, int]]) -> int:
+  """The largest id of `tokens` in the `[start, stop)` ranges, read one range at a time."""
+  return max(int(tokens[start:stop].max()) for start, stop in ranges)
+
+
+def _recorded_max_token_id(metadata: dict[str, Any], where: str) -> dict[str, int] | None:
+  """The metadata's `max_token_id` (checked), or None if it has none."""
+  recorded = metadata.get("max_token_id")
+  if recorded is not None and not (isinstance(recorded, dict) and all(
+      isinstance(recorded.get(split), int) and recorded[split] >= 0 for split in SPLITS)):
+    raise ValueError(f"{where}: {METADATA} max_token_id={recorded!r} must give a non-negative integer "
+                     f"for each of {SPLITS}")
+  return recorded
+
+
 def open_token_files(directory: str, *, vocab_size: int, field: str = "config.data.path") -> TokenSplits:
   """Memory-maps both splits of a token-files directory, checked against the metadata.
 
   `vocab_size` is the model's: the metadata's may not exceed it and no token id
-  may reach it. Errors name `field`, the config value that chose `directory`.
+  may reach it. The ids are checked through the metadata's `max_token_id` and
+  a sample of each file; without it, by reading both splits in full. Errors
+  name `field`, the config value that chose `directory`.
   """
   where = f"{field}={directory!r}"
   directory = os.path.expanduser(directory)
@@ -183,7 +223,8 @@ def open_token_files(directory: str, *, vocab_size: int, field: str = "config.da
     raise ValueError(f"{where}: {METADATA} vocab_size={data_vocab_size} exceeds "
                      f"config.model.vocab_size={vocab_size}")
   dtype = DTYPES[metadata["dtype"]]
-  splits = {}
+  recorded = _recorded_max_token_id(metadata, where)
+  scanned, splits = {}, {}
   for split in SPLITS:
     path = split_file(directory, split)
     if not os.path.isfile(path):
@@ -199,9 +240,23 @@ def open_token_files(directory: str, *, vocab_size: int, field: str = "config.da
     if num_tokens == 0:
       raise ValueError(f"{where}: the {split} split is empty")
     tokens = np.memmap(path, dtype=dtype, mode="r")
-    largest = int(tokens.max())
+    if recorded is None:
+      scan_tokens = SCAN_CHUNK_BYTES // dtype.itemsize
+      largest = scanned[split] = _largest_id(
+          tokens, [(start, start + scan_tokens) for start in range(0, num_tokens, scan_tokens)])
+    else:
+      largest = recorded[split]
     if largest >= data_vocab_size:
       raise ValueError(f"{where}: {split}.bin holds token id {largest} >= vocab_size={data_vocab_size} "
                        f"({METADATA}; config.model.vocab_size={vocab_size})")
+    if recorded is not None:
+      sampled = _largest_id(tokens, sample_ranges(num_tokens, SAMPLE_CHUNK_BYTES // dtype.itemsize))
+      if sampled > largest:
+        raise ValueError(f"{where}: {split}.bin holds token id {sampled}, above its max_token_id={largest} "
+                         f"in {METADATA}: the file does not match its metadata")
     splits[split] = tokens
+  if scanned:
+    logging.warning("%s: %s has no max_token_id, so both splits were read in full to check their token ids; "
+                    "add \"max_token_id\": %s to it to check them from the metadata at every start", where,
+                    METADATA, json.dumps(scanned))
   return TokenSplits(splits["train"], splits["val"], metadata)

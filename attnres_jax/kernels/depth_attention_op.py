@@ -1,4 +1,4 @@
-"""Batched depth attention with a choice of implementation (`attnres-spec.md` sections 2, 6).
+"""Batched depth attention with a choice of implementation (docs/method.md §2, §6).
 
 `config.model.depth_attention_impl` picks one of:
 - `xla`: the pure-jnp reference (`depth_attention_reference.py`), fused by XLA;
@@ -16,7 +16,7 @@ IMPLS = ("xla", "pallas", "pallas_interpret")
 
 
 def fold_gains(queries_QxD: Array, gains_QxD: Array | None, source_dtype) -> Array:
-  """`w * g`: the key-norm gain folded into each pseudo-query, in `compute_dtype` (spec section 2)."""
+  """`w * g`: the key-norm gain folded into each pseudo-query, in `compute_dtype` (docs/method.md §2)."""
   dtype = compute_dtype(source_dtype)
   return queries_QxD.astype(dtype) if gains_QxD is None else queries_QxD.astype(dtype) * gains_QxD.astype(dtype)
 

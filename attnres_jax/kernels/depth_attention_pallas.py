@@ -1,4 +1,4 @@
-"""Fused Pallas kernel for batched depth attention (`attnres-spec.md` sections 2, 6).
+"""Fused Pallas kernel for batched depth attention (docs/method.md §2, §6).
 
 Same contract as `depth_attention_reference.py`. One grid step owns a tile of
 `TM` tokens and reads each of its `S` sources from memory once: key RMSNorm,

@@ -1,15 +1,15 @@
-"""Depth attention in plain jnp: the math of the spec and the reference of the Pallas kernel.
+"""Depth attention in plain jnp: the math of docs/method.md §2 and the reference of the Pallas kernel.
 
-`attnres-spec.md` section 2 (key RMSNorm, logits, softmax, weighted sum) and the
-log-sum-exp merge of section 6. Everything runs in float32 (float64 for float64
-inputs) whatever the source dtype (convention, section 2), at full precision
+docs/method.md §2 (key RMSNorm, logits, softmax, weighted sum) and the
+log-sum-exp merge of docs/method.md §6. Everything runs in float32 (float64 for float64
+inputs) whatever the source dtype (convention, docs/method.md §12.1), at full precision
 (`Precision.HIGHEST`: no TF32 on GPUs, which was measured to move the log-sum-exp
 by 3e-4 on an H100): logits
 `s_i = (v_i . (w * g)) / rms(v_i)`, no 1/sqrt(d) scale, softmax over the source
 axis only. The key norm is kept as one inverse-RMS scalar per source and token,
 so keys are never materialised: `RMSNorm(v) . w = (v . (w * g)) * inv_rms(v)`.
 
-`depth_attention_reference` is the batched op of section 6, phase 1: `Q`
+`depth_attention_reference` is the batched op of docs/method.md §6, phase 1: `Q`
 pseudo-queries answered against the same `S` sources at once. It returns each
 query's normalised mixture and the log-sum-exp of its logits, so that a later
 source (the partial sum of phase 2) can be merged exactly. Its contract, shared
@@ -47,8 +47,8 @@ def attend(
   """Depth attention of one (gain-folded) query over `S` sources.
 
   `M` stands for any number of token axes. Returns the normalised mixture
-  `[M, d]`, the log-sum-exp of the logits `[M]` (phase-1 statistics of spec
-  section 6, enough to merge more sources exactly later) and the softmax
+  `[M, d]`, the log-sum-exp of the logits `[M]` (phase-1 statistics of
+  docs/method.md §6, enough to merge more sources exactly later) and the softmax
   weights `[S, M]`, all in `compute_dtype`. Masked sources get weight 0; a
   token with every source masked gets a zero mixture and lse = -inf, which
   `merge_source` turns into the merged source alone (gradients stay finite).
@@ -77,7 +77,7 @@ def attend(
 def merge_source(
     mixture_MxD: Array, lse_M: Array, source_MxD: Array, logit_M: Array
 ) -> tuple[Array, Array]:
-  """Adds one more source to a finished softmax by its log-sum-exp (spec section 6).
+  """Adds one more source to a finished softmax by its log-sum-exp (docs/method.md §6).
 
   `exp(lse)` is the softmax denominator of the sources already mixed, so the new
   source's weight is `e^s / (e^lse + e^s) = sigmoid(s - lse)`: the online-softmax

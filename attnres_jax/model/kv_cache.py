@@ -1,6 +1,6 @@
 """The fixed-size KV cache of autoregressive decoding: a ring buffer over the last `window` positions.
 
-What AttnRes caches (`attnres-spec.md` sections 1-6): nothing beyond the keys
+What AttnRes caches (docs/method.md §11): nothing beyond the keys
 and values of self-attention. A depth source `v_i` of a token is a function of
 that token's own earlier sources and of the attention over earlier tokens'
 keys and values; depth attention never looks at another position. So the new
@@ -9,10 +9,16 @@ through the layers and dropped after its logits, O(N d) per token in flight,
 exactly as in PreNorm, whose residual stream is not cached either.
 
 Keys are stored already rotated by their absolute position (RoPE), in slot
-`position % window`. Attention depends only on relative positions, so a query
-attending to the last `window` positions equals a full forward over those
-tokens: generation can run past the training context with the attention span
-it was trained with.
+`position % window`, and a query at position `p` attends to the slots holding
+positions `(p - window, p]`. While at most `window` positions have been seen,
+nothing is evicted and decoding equals the full causal forward. Past that, the
+ring evicts the oldest keys of every layer: decoding equals a full forward with
+banded (sliding-window) causal attention of width `window` (tests/test_decode.py).
+It is not a full forward over the last `window` tokens alone: with more than
+one layer, the cached keys and values of deeper layers were computed from hidden
+states that attended to tokens before the window, so their information still
+flows in. A model trained with full causal attention never saw such a band
+(docs/method.md §11).
 """
 
 from typing import NamedTuple

@@ -1,12 +1,12 @@
 """Decoder-only LM whose depth mixing is PreNorm, Full AttnRes, Block AttnRes or mHC.
 
-`attnres-spec.md` section 1: each transformer layer is two AttnRes sublayers
+docs/method.md §1: each transformer layer is two AttnRes sublayers
 (attention, then MLP), each keeping its own pre-norm. Layer parameters are
 stacked along a leading `layers` axis and run by a scan (`residuals/`); the
-pseudo-queries live in `DepthQueries`, zero-initialised (section 2; the
-section 7 ablations change them, e.g. DenseFormer's weights start at 1), with
-the output query applied before the final norm (section 5). mHC's stream
-parameters (section 7) live in `HyperConnections`.
+pseudo-queries live in `DepthQueries`, zero-initialised (docs/method.md §2; the
+§8 ablations change them, e.g. DenseFormer's weights start at 1), with
+the output query applied before the final norm (docs/method.md §5). mHC's stream
+parameters (docs/method.md §8, §12.9) live in `HyperConnections`.
 """
 
 import functools
@@ -72,7 +72,7 @@ def _mlp_sublayer(graphdef, layer_inputs, consts, h_BxTxD):
 class DepthQueries(nnx.Module):
   """Pseudo-queries `w_l` and key-norm gains `g_l` of every sublayer, and of the output.
 
-  Queries start at zero (spec section 2), so training starts from the uniform
+  Queries start at zero (docs/method.md §2), so training starts from the uniform
   average of the sources; gains start at one and can be dropped
   (`key_norm_gain=False`: a weightless key norm). Ablations (`mixing_rules.py`):
   learned logits make each query a row of `N + 1` logits (DenseFormer's raw

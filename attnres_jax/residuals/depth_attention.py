@@ -1,4 +1,4 @@
-"""The AttnRes mixing rule as one public function (`attnres-spec.md` section 2).
+"""The AttnRes mixing rule as one public function (docs/method.md §2).
 
 The math lives in `attnres_jax.kernels.depth_attention_reference`.
 """
@@ -18,7 +18,7 @@ def depth_attention(
     eps: float = 1e-6,
     mask: Array | None = None,
 ) -> Array:
-  """AttnRes mixing rule: `sum_i softmax_i(w . RMSNorm(v_i)) v_i` (spec section 2).
+  """AttnRes mixing rule: `sum_i softmax_i(w . RMSNorm(v_i)) v_i` (docs/method.md §2).
 
   Args:
     sources: `[num_sources, ..., d]` source values `v_i` (embedding, sublayer

@@ -1,12 +1,12 @@
 """Block and Full AttnRes depth loop with O(N d) activation memory.
 
-Implements `attnres-spec.md` sections 3-5: sources, block boundaries and the
+Implements docs/method.md §3-§5: sources, block boundaries and the
 per-sublayer depth attention (the output query is `output_mix`). Full AttnRes
-is the block size 1 case of the same loop (section 4).
+is the block size 1 case of the same loop (docs/method.md §4).
 
-Memory design (the measured one of `stack-notes.md`, "Memory of the depth
-loop"): the sealed-source buffer `[N, B, T, d]` is append-only, so autodiff of a
-plain scan would save it once per layer, O(L N d). Instead the whole scan has a
+Memory design (docs/method.md §7, measured on a 2-core CPU prototype first):
+the sealed-source buffer `[N, B, T, d]` is append-only, so autodiff of a plain
+scan would save it once per layer, O(L N d). Instead the whole scan has a
 `jax.custom_vjp`:
 - forward: a scan whose carry is the buffer and the partial sum. It stores the partial
   entering a layer only when the buffer cannot give it back (a layer whose first
@@ -18,20 +18,20 @@ plain scan would save it once per layer, O(L N d). Instead the whole scan has a
 A sublayer's input is the softmax over the slots sealed before it (the batched
 op of `attnres_jax.kernels`, `depth_attention_impl` choosing the jnp reference
 or the Pallas kernel), merged by log-sum-exp with the partial sum entering it (at a block start, the block being
-sealed): the spec's "mix, then seal" order. So the backward replay only reads
+sealed): the "mix, then seal" order of docs/method.md §4. So the backward replay only reads
 the loop-invariant final buffer; a replay that wrote the seal into it would copy
 the buffer every step (measured at 32 sublayers, BTd = 1 MiB: temp memory 1.55x
 -> 1.25x the baseline for Block N=8, 3.7x -> 2.1x for Full). The forward seal
 writes slot `l // S` of its own carry in place (a non-sealing sublayer rewrites
 the slot's value).
 
-Two-phase (`two_phase=True`, spec section 6): the forward seals first and, at
+Two-phase (`two_phase=True`, docs/method.md §6): the forward seals first and, at
 each block start, answers all `S` queries of the block against the sealed
 slots in one batched call (phase 1, `TwoPhase` in the scan carry); each
 sublayer then merges its own partial sum by log-sum-exp (phase 2). The buffer
 is read once per block instead of once per sublayer. The backward is the
 direct replay above: carrying phase-1 results and their cotangents through the
-reverse scan would add `2 S B T d` to the backward, where peak memory is.
+reverse scan would add `2 S B T d` to the backward, where peak memory is (docs/method.md §12.10).
 
 Remat policy (`remat.py`): `full` replays each layer in the backward pass from
 the stored partial; `none` and `save_dots` instead keep each sublayer's VJP
@@ -64,9 +64,9 @@ class DepthParams(NamedTuple):
 
 
 def sublayer_query(depth: DepthParams, partial_BxTxD: Array) -> Array:
-  """`w_l`, or the input-dependent `w_l + W_l h` `[B, T, d]`, `h` the newest source (spec section 7).
+  """`w_l`, or the input-dependent `w_l + W_l h` `[B, T, d]`, `h` the newest source (docs/method.md §8).
 
-  (convention) `h` is the partial sum entering the sublayer, before any seal:
+  (convention, docs/method.md §12.4) `h` is the partial sum entering the sublayer, before any seal:
   `v_{l-1}` in Full AttnRes (the embedding for sublayer 0), the open block's sum
   in Block; `w_l` stays as the projection's bias.
   """
@@ -106,7 +106,7 @@ def _slot_attention(queries_QxD: Array, gains_QxD: Array, sources_NxBxTxD: Array
 
 def merge_partial(mixture_BxTxD: Array, lse_BxT: Array, query_D: Array, gain_D: Array, partial_BxTxD: Array, *,
                   eps: float) -> Array:
-  """Phase 2 (spec section 6): the partial sum merged into the slots' softmax by log-sum-exp."""
+  """Phase 2 (docs/method.md §6): the partial sum merged into the slots' softmax by log-sum-exp."""
   query_gain_D = fold_gains(query_D[None], gain_D[None], partial_BxTxD.dtype)[0]
   logit_BxT = jnp.einsum("...d,d->...", partial_BxTxD, query_gain_D, precision=jax.lax.Precision.HIGHEST,
                          preferred_element_type=query_gain_D.dtype) * inverse_rms(partial_BxTxD, eps)
@@ -129,7 +129,7 @@ def _rule_inputs(query, gain, sources_NxBxTxD, num_visible, partial_BxTxD, parti
 
 
 def _mix(query, gain_D, sources_NxBxTxD, num_visible, partial_BxTxD, *, eps, impl, rule, partial_column=None):
-  """Softmax of one query over the visible sealed slots and the partial sum (spec sections 2, 6).
+  """Softmax of one query over the visible sealed slots and the partial sum (docs/method.md §2, §6).
 
   An ablation `rule` (`mixing_rules.py`) mixes the same sources in jnp instead;
   its `query` may be per token (`[B, T, d]`) or learned logits (`[N + 1]`).
@@ -156,7 +156,7 @@ def depth_weights(query: Array, gain_D: Array, state: DepthState, num_visible: A
 
 def sublayer_input(query: Array, gain_D: Array, sources_NxBxTxD: Array, partial_BxTxD: Array, *,
                    starts_block: Array, slot: Array, eps: float, impl: str, rule: MixingRule) -> Array:
-  """`h = mix(blocks + [partial])` before sublayer `l` (spec section 4), before any seal.
+  """`h = mix(blocks + [partial])` before sublayer `l` (docs/method.md §4), before any seal.
 
   The buffer is only read: the sublayer sees the slots sealed before it
   (`0..slot-1` if it starts block `slot`, else `0..slot`) and the partial sum,
@@ -168,7 +168,7 @@ def sublayer_input(query: Array, gain_D: Array, sources_NxBxTxD: Array, partial_
 
 
 def seal(state: DepthState, *, starts_block: Array, slot: Array) -> DepthState:
-  """At a block start the partial sum becomes `b_slot` and restarts from zero (spec section 4).
+  """At a block start the partial sum becomes `b_slot` and restarts from zero (docs/method.md §4).
 
   Writes in place; elsewhere the slot is rewritten with its own value.
   """
@@ -181,7 +181,7 @@ def seal(state: DepthState, *, starts_block: Array, slot: Array) -> DepthState:
 
 
 class TwoPhase(NamedTuple):
-  """Phase 1 of the current block (spec section 6): every query of the block over the slots sealed at its start."""
+  """Phase 1 of the current block (docs/method.md §6): every query of the block over the slots sealed at its start."""
 
   mixtures_SxBxTxD: Array
   lse_SxBxT: Array
@@ -190,7 +190,7 @@ class TwoPhase(NamedTuple):
 def _two_phase_input(phase1: TwoPhase, query_D: Array, gain_D: Array, state: DepthState, *,
                      all_queries_LxD: Array, all_gains_LxD: Array, starts_block: Array, slot: Array,
                      position: Array, block_size: int, eps: float, impl: str) -> tuple[Array, TwoPhase]:
-  """`h` of the sublayer at `position` in block `slot`, from the state after its seal (spec section 6).
+  """`h` of the sublayer at `position` in block `slot`, from the state after its seal (docs/method.md §6).
 
   At a block start, phase 1 answers the block's `S` queries (rows `slot * S ..`
   of the flat, padded `all_queries_LxD`) against slots `0..slot` in one
@@ -215,7 +215,7 @@ def output_mix(
     state: DepthState, query: Array, gain: Array, eps: float, impl: str, rule: MixingRule = MixingRule(),
     with_weights: bool = False
 ) -> tuple[Array, Array | None]:
-  """The output query over all blocks and the trailing partial sum (spec section 5)."""
+  """The output query over all blocks and the trailing partial sum (docs/method.md §5)."""
   num_slots = state.sources_NxBxTxD.shape[0]
   h_BxTxD = _mix(query, gain, state.sources_NxBxTxD, num_slots, state.partial_BxTxD, eps=eps, impl=impl,
                  rule=rule)

@@ -1,4 +1,4 @@
-"""mHC: multi-stream hyper-connections with doubly stochastic residual mixing (`attnres-spec.md` section 7).
+"""mHC: multi-stream hyper-connections with doubly stochastic residual mixing (docs/method.md §8, §12.9).
 
 Table 4's strongest prior baseline. The residual stream is widened to `m`
 streams `x [m, B, T, d]` (the embedding copied into each). Before each

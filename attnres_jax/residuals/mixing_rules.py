@@ -1,6 +1,6 @@
-"""Ablation variants of the depth-mixing rule (`attnres-spec.md` section 7, Table 4).
+"""Ablation variants of the depth-mixing rule (docs/method.md §8, Table 4).
 
-`MixingRule()` is the spec's rule (sections 2-4): key RMSNorm, one softmax over
+`MixingRule()` is the rule of docs/method.md §2-§4: key RMSNorm, one softmax over
 the visible sources, logits `w_l . RMSNorm(v_i)`. The variants change one thing each:
 - `key_norm=False`: keys are the raw sources, `k_i = v_i`;
 - `normalization="sigmoid"`: weights `sigmoid(s_i)`, not normalised over sources;

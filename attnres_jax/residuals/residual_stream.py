@@ -1,5 +1,5 @@
 """Residual-stream depth loops, scanned over stacked layers: the PreNorm baseline `h <- h + f_l(h)`,
-and mHC's `m` streams (`hyper_connections.py`) for the section 7 baseline of `attnres-spec.md`."""
+and mHC's `m` streams (`hyper_connections.py`) for the baselines of docs/method.md §8."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Static block schedule of Block / Full AttnRes (`attnres-spec.md` section 4).
+"""Static block schedule of Block / Full AttnRes (docs/method.md §4).
 
 Sublayer `l` (0-based, `L` in all, `K` per scanned transformer layer) starts a
 block when `l % S == 0`; it then seals the running partial sum into slot
@@ -46,7 +46,7 @@ class BlockSchedule:
     return self.sublayer_index() // self.block_size
 
   def position_in_block(self) -> np.ndarray:
-    """[num_layers, K] int32: l % S, the sublayer's row among its block's queries (two-phase, spec section 6)."""
+    """[num_layers, K] int32: l % S, the sublayer's row among its block's queries (two-phase, docs/method.md §6)."""
     return self.sublayer_index() % self.block_size
 
   def saved_partial_index(self) -> np.ndarray:

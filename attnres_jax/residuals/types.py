@@ -9,7 +9,7 @@ Array = jax.Array
 PyTree = Any
 
 # f_l(layer_inputs, consts, h_BxTxD) -> (out_BxTxD, aux): one sublayer with its own pre-norm
-# (spec section 1). `layer_inputs` is one layer's slice of the stacked parameters (and of
+# (docs/method.md §1). `layer_inputs` is one layer's slice of the stacked parameters (and of
 # the KV cache when decoding); `consts` are shared inputs such as RoPE tables; `aux` is a
 # side output without gradient (the new keys and values when decoding, else None).
 SublayerFn = Callable[[PyTree, PyTree, Array], tuple[Array, PyTree]]

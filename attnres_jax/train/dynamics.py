@@ -1,4 +1,4 @@
-"""Training dynamics of `attnres-spec.md` section 9, logged every `config.train.dynamics_every` steps.
+"""Training dynamics of docs/method.md §10, logged every `config.train.dynamics_every` steps.
 
 Per sublayer: the RMS of its input and output, the gradient norm of its own
 weights (pre-norm included), and for AttnRes the token-averaged depth weights

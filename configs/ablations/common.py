@@ -1,4 +1,4 @@
-"""The ablation model of `attnres-spec.md` section 7 at CPU scale: 32 sublayers, Block N = 8 (S = 4)."""
+"""The ablation model of docs/method.md §8 at CPU scale: 32 sublayers, Block N = 8 (S = 4)."""
 
 from configs import base
 

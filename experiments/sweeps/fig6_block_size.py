@@ -1,4 +1,4 @@
-"""Figure 6 analogue (`attnres-spec.md` section 7): Block AttnRes at 32 sublayers, S = 1 .. 32, and the baseline."""
+"""Figure 6 analogue (docs/method.md §8): Block AttnRes at 32 sublayers, S = 1 .. 32, and the baseline."""
 
 from experiments.sweep import Run, Sweep
 from experiments.sweeps.cpu_scale import CPU_ABLATION

@@ -1,4 +1,4 @@
-"""Scaling study analogue (`attnres-spec.md` section 8): PreNorm, Full and Block at the five CPU sizes of
+"""Scaling study analogue (docs/method.md §9): PreNorm, Full and Block at the five CPU sizes of
 `configs/scaling.py`; `experiments/fit_scaling.py --csv=<workdir>/results.csv` fits each rule's law."""
 
 from configs.scaling import CPU

@@ -1,4 +1,4 @@
-"""Table 4 analogue (`attnres-spec.md` section 7): every config under `configs/ablations/` at CPU scale."""
+"""Table 4 analogue (docs/method.md §8): every config under `configs/ablations/` at CPU scale."""
 
 import os
 
