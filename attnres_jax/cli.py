@@ -17,7 +17,11 @@ What counts as a user's mistake, printed as `error: <message>` on stderr
 - 1, a bad value or path: `ValueError` (the config and data checks) and the
   `OSError`s that name a path the user gave: `FileNotFoundError`,
   `FileExistsError`, `NotADirectoryError`, `IsADirectoryError`,
-  `PermissionError`.
+  `PermissionError`, and `ReportedError`, raised by the project where its
+  message already says what failed and what to do (a checkpoint that cannot
+  be restored).
+- 130, an interrupt (Ctrl-C): `error: KeyboardInterrupt`, no traceback (what
+  was saved stays; rerun to resume).
 
 Anything else, `KeyError` and `AttributeError` in `main` included, is a bug
 (or a failure of the machine, as other `OSError`s such as a full disk are)
@@ -35,14 +39,20 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from absl import app, flags
-from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 TRACEBACK_VARIABLE = "ATTNRES_TRACEBACK"
 USAGE_EXIT_CODE = 2
 ERROR_EXIT_CODE = 1
+INTERRUPT_EXIT_CODE = 130
+
+
+class ReportedError(Exception):
+  """An error whose message tells the user all there is to know (e.g. a checkpoint that failed to restore)."""
+
+
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-               PermissionError)
+               PermissionError, ReportedError)
 
 
 def traceback_requested() -> bool:
@@ -71,27 +81,28 @@ def _exiting_on(errors: tuple[type[BaseException], ...], exit_code: int, prefix:
     sys.exit(exit_code)
 
 
-def _check_config_files() -> None:
-  """ml_collections defers a missing config file's error to the config's first use: raise it with the flags."""
+def _check_config_files(argv: list[str]) -> None:
+  """A missing config file is a flag error, raised before ml_collections tries to load it (an override of a
+  field would otherwise report a failure to load a file named after the flag)."""
   for name in flags.FLAGS:
-    flag = flags.FLAGS[name]
-    if isinstance(flag.parser, ConfigFileFlagParser) and flag.present:
-      path = config_flags.get_config_filename(flag).split(":", 1)[0]
-      if not os.path.isfile(path):
-        raise flags.IllegalFlagValueError(f"flag --{name}={path}: no such file")
+    if isinstance(flags.FLAGS[name].parser, ConfigFileFlagParser):
+      for value in (arg.split("=", 1)[1] for arg in argv[1:] if arg.startswith(f"--{name}=")):
+        path = value.split(":", 1)[0]
+        if not os.path.isfile(path):
+          raise flags.IllegalFlagValueError(f"flag --{name}={path}: no such file")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
   with _exiting_on((flags.Error, OSError), USAGE_EXIT_CODE):
+    _check_config_files(argv)
     with _exiting_on((KeyError, AttributeError), USAGE_EXIT_CODE, prefix="no such config field: "):
-      remaining = flags.FLAGS(argv)  # runs the config file and looks up each --config.<field> override
-    _check_config_files()
-  return remaining
+      return flags.FLAGS(argv)  # runs the config file and looks up each --config.<field> override
 
 
 def _call(main: Callable[..., Any], *args: Any) -> Any:
-  with _exiting_on((app.UsageError,), USAGE_EXIT_CODE), _exiting_on(USER_ERRORS, ERROR_EXIT_CODE):
-    return main(*args)
+  with _exiting_on((KeyboardInterrupt,), INTERRUPT_EXIT_CODE), _exiting_on((app.UsageError,), USAGE_EXIT_CODE):
+    with _exiting_on(USER_ERRORS, ERROR_EXIT_CODE):
+      return main(*args)
 
 
 def run(main: Callable[[list[str]], Any]) -> None:

@@ -3,6 +3,8 @@
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+
 from attnres_jax.kernels.depth_attention_op import IMPLS
 from attnres_jax.residuals.hyper_connections import RESIDUAL_MIXINGS
 from attnres_jax.residuals.mixing_rules import LOGITS, NORMALIZATIONS
@@ -112,9 +114,24 @@ def _check_hyper_connections(model: Mapping[str, Any]) -> None:
     _fail("mhc_streams", model["mhc_streams"], "permutations (mHC-lite) mixes m! matrices: use m <= 5")
 
 
-def check_run_config(config: Mapping[str, Any], process_count: int = 1) -> None:
-  """Checks `config.model`, `config.data`, `config.optim` and `config.train` of a training run."""
+def check_platform(model: Mapping[str, Any], platform: str) -> None:
+  """The depth-attention kernel compiles for accelerators only; on CPU it runs interpreted."""
+  if model["depth_attention_impl"] == "pallas" and platform == "cpu":
+    _fail("depth_attention_impl", "pallas", "the Pallas kernel compiles for TPU and GPU only, and this machine has "
+          "only CPUs: use pallas_interpret (the same kernel, interpreted) or xla")
+
+
+def check_run_config(config: Mapping[str, Any], process_count: int = 1, platform: str = "cpu") -> None:
+  """Checks `config.model`, `config.data`, `config.optim` and `config.train` of a training run on `platform`."""
   check_model_config(config["model"])
+  check_platform(config["model"], platform)
+  if "float64" in (config["model"]["dtype"], config["model"]["param_dtype"]) and not jax.config.jax_enable_x64:
+    _fail("dtype", config["model"]["dtype"], "float64 needs JAX_ENABLE_X64=1 in the environment (else jax "
+          "silently computes in float32)")
+  if config["model"]["param_dtype"] == "bfloat16":
+    _fail("param_dtype", config["model"]["param_dtype"], "AdamW would keep its moments and apply its updates in "
+          "this dtype, where updates below 1/256 of a weight round away; train with float32 parameters (the "
+          "master copy) and dtype=bfloat16 for bf16 compute")
   data, optim, train = config["data"], config["optim"], config["train"]
   if data["source"] not in SOURCES:
     _fail("source", data["source"], f"must be one of {SOURCES}", "data")
@@ -147,3 +164,17 @@ def check_run_config(config: Mapping[str, Any], process_count: int = 1) -> None:
           f"warmup (+ wsd decay) must fit in config.train.num_steps={train['num_steps']}", "optim")
   if not 0 <= data["seed"] < 2**32:
     _fail("seed", data["seed"], "must be in [0, 2**32)", "data")
+  _check_field_names(config, "resume_accept_changes")
+
+
+def _check_field_names(config: Mapping[str, Any], field: str) -> None:
+  """`config.train.<field>` is a comma-separated list of dotted config fields that exist."""
+  value = config["train"][field]
+  if not isinstance(value, str):
+    _fail(field, value, "must be a string of comma-separated dotted fields, e.g. 'data.path,optim.peak_lr'", "train")
+  for name in filter(None, (part.strip() for part in value.split(","))):
+    node = config
+    for key in name.split("."):
+      if not hasattr(node, "keys") or key not in node.keys():  # a ConfigDict is no collections Mapping
+        _fail(field, value, f"names {name!r}, which is not a config field", "train")
+      node = node[key]

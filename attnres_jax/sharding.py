@@ -19,7 +19,7 @@ contracts a sharded dimension, inside the custom VJP's forward and backward too.
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +95,55 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(mapped, None))
 
 
+def check_mesh_fits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, process_count: int | None = None,
+                    process_of: Callable[[jax.Device], int] = lambda device: device.process_index) -> None:
+  """Every micro-batch splits over data x fsdp, and every process feeds whole batch shards of its own.
+
+  Each process loads its own rows of the global `[B, T + 1]` batch and
+  `jax.make_array_from_process_local_data` puts them on its devices. So each
+  batch shard (a distinct slice of rows) must live on devices of one process
+  only, and every process must hold the same number of whole shards. Read off
+  the batch sharding's device-to-rows map and `process_of(device)`, compiling
+  nothing. `process_count` (default `jax.process_count()`) and `process_of`
+  can be faked to check a multi-host layout in one process.
+  """
+  sizes = dict(mesh.shape)
+  where = f"config.mesh=({', '.join(f'{axis}={sizes[axis]}' for axis in MESH_AXES)})"
+  batch_devices = sizes["data"] * sizes["fsdp"]
+  global_batch, accum = config.data.global_batch_size, config.optim.grad_accum_steps
+  if (global_batch // accum) % batch_devices:
+    raise ValueError(f"config.data.global_batch_size={global_batch}: each of the {accum} micro-batches must "
+                     f"split over data x fsdp = {batch_devices} devices")
+  process_count = jax.process_count() if process_count is None else process_count
+  sharding = batch_sharding(mesh, config.mesh.rules)
+  processes_of_rows: dict[tuple[int, int], set[int]] = {}
+  for device, index in sharding.devices_indices_map((global_batch, config.data.seq_len + 1)).items():
+    rows = index[0].indices(global_batch)[:2]
+    processes_of_rows.setdefault(rows, set()).add(process_of(device))
+  replicated_over = [a for a in MESH_AXES if sizes[a] > 1 and a not in _batch_axes(config.mesh.rules)]
+  for (start, stop), processes in sorted(processes_of_rows.items()):
+    if len(processes) > 1:
+      raise ValueError(
+          f"{where}: batch shard rows {start}-{stop - 1} are held by devices of processes "
+          f"{' and '.join(map(str, sorted(processes)))}; each process feeds its own rows of the global batch, so "
+          f"one shard would receive rows of several processes. The devices of one batch shard (its replicas over "
+          f"{' x '.join(replicated_over) or 'no axis'}) must belong to one process: put those axes inside a host "
+          f"(no larger than its devices, the mesh's devices ordered host by host), or map `batch` to more mesh "
+          f"axes in config.mesh.rules.")
+  shards = [sum(processes == {p} for processes in processes_of_rows.values()) for p in range(process_count)]
+  if len(set(shards)) > 1:
+    raise ValueError(
+        f"{where}: the {process_count} processes hold {shards} of the {len(processes_of_rows)} batch shards; "
+        f"each process feeds {global_batch} / {process_count} rows, so each must hold the same number of whole "
+        f"shards. Use a mesh over all processes' devices, as many from each.")
+
+
+def _batch_axes(rules: Rules) -> tuple[str, ...]:
+  """The mesh axes `rules` give the logical batch axis."""
+  mapped = dict(rules).get(axes.BATCH)
+  return (mapped,) if isinstance(mapped, str) else tuple(mapped or ())
+
+
 @contextlib.contextmanager
 def activate(mesh: jax.sharding.Mesh, rules: Rules) -> Iterator[None]:
   """Within this context, code traced by `jit` constrains activations to `mesh` by `rules`.
@@ -151,6 +200,4 @@ def _batch_mesh_axes() -> tuple[str, ...]:
   if _active[-1] is None:
     return ()
   mesh, rules = _active[-1]
-  mapped = rules.get(axes.BATCH)
-  mapped = (mapped,) if isinstance(mapped, str) else tuple(mapped or ())
-  return tuple(a for a in mapped if mesh.shape[a] > 1)
+  return tuple(a for a in _batch_axes(rules) if mesh.shape[a] > 1)

@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.tie_embeddings = False  # LM head shares the token-embedding matrix
   model.residual = "block"  # depth mixing: prenorm | full | block | mhc (hyper-connections baseline)
   model.block_size = 2  # Block AttnRes block size S, in sublayers, 1 <= S <= 2 * num_layers
-  model.key_norm_gain = True  # learnable gain in each key RMSNorm (spec section 2)
+  model.key_norm_gain = True  # learnable gain in each key RMSNorm (docs/method.md §2, §12.2)
   model.norm_eps = 1e-6  # epsilon of every RMSNorm, key norms included
   model.init_std = 0.02  # std of weight init; output projections get init_std / sqrt(2 * num_layers)
   model.embed_init_std = 1.0  # std of the token-embedding init (source b_0 of AttnRes)
@@ -32,9 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.remat = "full"  # activation rematerialisation: none | full | save_dots
   # Depth attention over sealed blocks: xla (jnp reference) | pallas (TPU/GPU kernel) | pallas_interpret (CPU)
   model.depth_attention_impl = "xla"
-  # AttnRes: answer all queries of a block at its start, then merge each partial sum (spec section 6)
+  # AttnRes: answer all queries of a block at its start, then merge each partial sum (docs/method.md §6)
   model.two_phase = False
-  # Ablations of the depth-mixing rule (spec section 7; residuals/mixing_rules.py); any change runs in jnp.
+  # Ablations of the depth-mixing rule (docs/method.md §8; residuals/mixing_rules.py); any change runs in jnp.
   model.depth_key_norm = True  # RMSNorm on the keys; False: k_i = v_i
   model.depth_normalization = "softmax"  # softmax | sigmoid (not normalised) | none (raw weights, DenseFormer)
   model.depth_heads = 1  # separate depth softmax per channel group of d_model / depth_heads
@@ -78,6 +78,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.eval_batches = 8  # validation batches per pass (fixed windows)
   train.checkpoint_every = 100  # steps between checkpoints (and one at the end)
   train.max_to_keep = 3  # checkpoints kept
+  # Resuming with another config is refused (train/resume.py), except for these dotted fields, comma-separated
+  train.resume_accept_changes = ""
   train.async_checkpointing = True  # write checkpoints in the background
 
   config.mesh = mesh = ml_collections.ConfigDict()

@@ -30,6 +30,13 @@ VARIANTS = {"prenorm": dict(residual="prenorm"), "full": dict(residual="full"), 
 
 
 def model_config(variant: str, num_sublayers: int, d_model: int, num_blocks: int, remat: str):
+  """The benchmarked model: 64-channel heads, SwiGLU width about 8/3 d, Block S = L // N."""
+  if num_sublayers < 2 or num_sublayers % 2:
+    raise ValueError(f"--sublayers: {num_sublayers} must be even and >= 2 (attention + MLP per layer)")
+  if d_model < 64 or d_model % 64:
+    raise ValueError(f"--d_model(s): {d_model} must be a positive multiple of 64 (64-channel heads)")
+  if num_blocks < 1:
+    raise ValueError(f"--num_blocks={num_blocks}: must be >= 1")
   config = base.get_config().model
   config.update(dict(
       **VARIANTS[variant], num_layers=num_sublayers // 2, d_model=d_model, num_heads=d_model // 64,

@@ -65,7 +65,10 @@ class Sweep:
 
 
 def load_sweep(path: str) -> Sweep:
-  sweep = _import_file(path, "sweep_definition").get_sweep()
+  module = _import_file(path, "sweep_definition")
+  if not callable(getattr(module, "get_sweep", None)):
+    raise ValueError(f"{path} defines no get_sweep() returning a Sweep (see experiments/sweeps/)")
+  sweep = module.get_sweep()
   names = [run.name for run in sweep.runs]
   if len(set(names)) != len(names):
     raise ValueError(f"{path}: run names must be unique, got {names}")

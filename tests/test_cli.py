@@ -13,7 +13,8 @@ from helpers import REPO, run_main
 SHORT = {name: value for name, value in os.environ.items() if name != cli.TRACEBACK_VARIABLE}  # the default
 MAIN_MISTAKES = {  # overrides of the smoke config -> exit code, text of the error line
     "misspelt_override": (["--config.model.block_siz=0"], 2, 'Did you mean "block_size"'),
-    "missing_config_file": (["--config=configs/nonexistent.py"], 2, "configs/nonexistent.py: no such file"),
+    "missing_config_file": (["--config=configs/nonexistent.py", "--config.model.block_size=2"], 2,
+                            "configs/nonexistent.py: no such file"),
     "bad_value": (["--config.model.block_size=0"], 1, "config.model.block_size=0: must be"),
     "missing_data": (["--config.data.source=token_files", "--config.data.path=/nonexistent"], 1,
                      "config.data.path='/nonexistent': no such directory"),
@@ -63,6 +64,9 @@ def test_only_user_mistakes_are_shortened(capsys, monkeypatch):
     cli.run_argparse(raising(ValueError("first line\nsecond line")))
   assert exit_info.value.code == 1
   assert capsys.readouterr().err == "error: first line\n  second line\n"
+  with pytest.raises(SystemExit) as exit_info:  # Ctrl-C: no traceback
+    cli.run_argparse(raising(KeyboardInterrupt()))
+  assert exit_info.value.code == 130 and capsys.readouterr().err == "error: KeyboardInterrupt\n"
   for bug in (RuntimeError("a bug"), KeyError("a lookup outside flag parsing")):
     with pytest.raises(type(bug)):
       cli.run_argparse(raising(bug))

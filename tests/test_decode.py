@@ -1,4 +1,4 @@
-"""KV-cache decoding equals the full forward; sampling filters; the sample CLI (spec sections 1-6)."""
+"""KV-cache decoding equals the full forward; sampling filters; the sample CLI (docs/method.md §11)."""
 
 import os
 import subprocess
@@ -8,8 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from attnres_jax.generate import Generator, Sampling, sample_tokens
+from attnres_jax.sample import load_model, load_run_config
+from attnres_jax.train.checkpoint import Checkpointer
 from attnres_jax.model import kv_cache, transformer
 from attnres_jax.train.loop import train_and_evaluate
 from configs import smoke
@@ -80,26 +83,46 @@ def test_sampling_filters():
 
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory):
+  """A run trained on a (2, 2, 2) mesh of 8 fake devices; `sample` runs on one."""
   workdir = str(tmp_path_factory.mktemp("sample_run"))
   config = smoke.get_config()
   config.data.cache_dir = str(tmp_path_factory.mktemp("corpus_cache"))
   config.train.update(num_steps=4, checkpoint_every=4, eval_every=4)
+  config.mesh.update(data=2, fsdp=2, tensor=2)
   train_and_evaluate(config, workdir)
   return workdir
 
 
 def run_sample(*flags):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   return subprocess.run([sys.executable, "-m", "attnres_jax.sample", *flags], cwd=REPO, capture_output=True,
-                        text=True, timeout=300)
+                        text=True, timeout=300, env=env)
 
 
 def test_sample_cli_prints_prompt_and_continuation(trained_workdir):
   result = run_sample(f"--workdir={trained_workdir}", "--prompt=def ", "--max_new_tokens=40", "--temperature=0")
   assert result.returncode == 0, result.stderr
   assert result.stdout.startswith("def ") and len(result.stdout.encode("utf-8", "replace")) >= 4 + 40 // 3
-  assert "step 4" in result.stderr
+  assert "step 4" in result.stderr and "parameters only, on 1 device" in result.stderr
   again = run_sample(f"--workdir={trained_workdir}", "--prompt=def ", "--max_new_tokens=40", "--temperature=0")
   assert again.stdout == result.stdout  # greedy is deterministic
+
+
+def test_sampling_reads_the_parameters_alone(trained_workdir, monkeypatch):
+  """What the restore brings into memory is the parameters, not the optimiser state (twice their size)."""
+  read_bytes, restore = [], Checkpointer._restore
+
+  def recording(self, manager, step, items):
+    restored = restore(self, manager, step, items)
+    arrays = jax.tree.leaves([restored[name] for name in items])
+    read_bytes.append(sum(x.nbytes for x in arrays if isinstance(x, jax.Array)))
+    return restored
+
+  monkeypatch.setattr(Checkpointer, "_restore", recording)
+  model, step = load_model(trained_workdir, load_run_config(trained_workdir))
+  params = jax.tree.leaves(nnx.state(model, nnx.Param))
+  assert step == 4 and read_bytes == [sum(x.nbytes for x in params)]
+  assert all(x.sharding.device_set == {jax.devices()[0]} for x in params)
 
 
 def test_sample_cli_errors(trained_workdir, tmp_path):

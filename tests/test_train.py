@@ -18,7 +18,7 @@ from attnres_jax.config_checks import check_run_config
 from attnres_jax.sharding import make_mesh
 from attnres_jax.train.checkpoint import Checkpointer
 from attnres_jax.train.state import create_train_state
-from attnres_jax.train.flops import forward_flops_per_token
+from attnres_jax.train.flops import forward_flops_per_token, peak_flops_per_device
 from attnres_jax.train.loop import train_and_evaluate
 from attnres_jax.train.metrics import read_metrics
 from attnres_jax.train.optim import decay_mask, learning_rate_schedule, make_optimizer
@@ -104,6 +104,9 @@ def test_flop_count_orders_the_rules():
     ("train", "num_steps", 0), ("train", "eval_every", -1),
     ("optim", "warmup_steps", 12),  # no steps left after warmup
     ("data", "seed", -1),
+    ("model", "param_dtype", "bfloat16"),  # AdamW without float32 master weights
+    ("model", "depth_attention_impl", "pallas"),  # no accelerator to compile the kernel for
+    ("train", "resume_accept_changes", "data.paht"),
 ])
 def test_invalid_run_config_names_the_field(section, field, value):
   config = smoke.get_config()
@@ -111,6 +114,36 @@ def test_invalid_run_config_names_the_field(section, field, value):
   config[section][field] = value
   with pytest.raises(ValueError, match=rf"config\.{section}\.{field}="):
     check_run_config(config)
+
+
+def test_resume_accept_changes_takes_existing_fields():
+  config = smoke.get_config()
+  config.train.resume_accept_changes = "optim.peak_lr, data.path,model.d_model"
+  check_run_config(config)
+
+
+def test_float64_without_x64_is_refused():
+  config = smoke.get_config()
+  config.model.dtype = "float64"
+  with pytest.raises(ValueError, match="JAX_ENABLE_X64"):
+    check_run_config(config)
+
+
+def test_pallas_on_cpu_names_the_interpreted_kernel():
+  config = smoke.get_config()
+  config.model.depth_attention_impl = "pallas"
+  with pytest.raises(ValueError, match="pallas_interpret"):
+    check_run_config(config, platform="cpu")
+  check_run_config(config, platform="gpu")
+
+
+def test_mfu_peak_follows_the_compute_dtype():
+  device = lambda kind: type("FakeDevice", (), {"device_kind": kind})()
+  assert peak_flops_per_device(device("NVIDIA H100 80GB HBM3"), "bfloat16") == 989e12
+  assert peak_flops_per_device(device("NVIDIA H100 80GB HBM3"), "float32") == 495e12  # TF32 tensor cores
+  assert peak_flops_per_device(device("TPU v5p"), "float32") == 459e12  # default precision: bf16 passes
+  assert peak_flops_per_device(device("NVIDIA H100 80GB HBM3"), "float64") is None
+  assert peak_flops_per_device(device("cpu"), "float32") is None
 
 
 def test_smoke_run_writes_metrics_plot_checkpoints(tmp_path, corpus_cache):
@@ -199,7 +232,7 @@ def test_model_shape_mismatch_is_one_clear_error(tmp_path, corpus_cache):
   before = {os.path.join(r, f): os.path.getmtime(os.path.join(r, f)) for r, _, fs in os.walk(checkpoints) for f in fs}
   config = smoke_config(corpus_cache, num_steps=8)
   config.model.d_model = 64
-  with pytest.raises(ValueError, match="another model"):
+  with pytest.raises(ValueError, match=r"another config \(model\.d_model: 32 -> 64; "):
     train_and_evaluate(config, workdir)
   after = {os.path.join(r, f): os.path.getmtime(os.path.join(r, f)) for r, _, fs in os.walk(checkpoints) for f in fs}
   assert before == after

@@ -86,6 +86,8 @@ class TokenFileWriter:
     self._max_token_id = dict.fromkeys(SPLITS, 0)
 
   def __enter__(self) -> "TokenFileWriter":
+    if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+      raise FileExistsError(f"{self.directory} is a file, not a token-files directory; refusing to replace it")
     if os.path.isdir(self.directory) and os.listdir(self.directory) and not os.path.isfile(
         os.path.join(self.directory, METADATA)):
       raise FileExistsError(f"{self.directory} exists and is not a token-files directory "
@@ -210,7 +212,7 @@ def open_token_files(directory: str, *, vocab_size: int, field: str = "config.da
     raise FileNotFoundError(f"{where}: no {METADATA} (see attnres_jax/data/token_files.py for the format)")
   metadata = read_metadata(directory)
   if metadata is None:
-    raise ValueError(f"{where}: {METADATA} is not a JSON object")
+    raise ValueError(f"{where}: {METADATA} is unreadable: not valid JSON, or not a JSON object")
   missing = [key for key in ("vocab_size", "dtype", "num_tokens") if key not in metadata]
   if missing:
     raise ValueError(f"{where}: {METADATA} lacks {missing}")

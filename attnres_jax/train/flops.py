@@ -6,10 +6,14 @@ import ml_collections
 from attnres_jax.residuals.hyper_connections import StreamMixing
 from attnres_jax.residuals.schedule import BlockSchedule
 
-# Dense bf16 peak FLOP/s per device, by a substring of `device_kind` (vendor data sheets).
+# Dense matmul peak FLOP/s per device by compute dtype, by a substring of `device_kind` (vendor data
+# sheets, without sparsity). float32 matmuls at JAX's default precision run on the GPU's TF32 tensor cores
+# and on the TPU's MXU in bfloat16 passes, so their peaks are TF32's and bfloat16's.
+_TPU_BF16 = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+             "TPU v6": 918e12}
 PEAK_FLOPS = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-    "TPU v6": 918e12, "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+    "bfloat16": {**_TPU_BF16, "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12},
+    "float32": {**_TPU_BF16, "H200": 495e12, "H100": 495e12, "A100": 156e12, "L40S": 183e12, "L4": 60e12},
 }
 
 
@@ -46,7 +50,8 @@ def train_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> flo
   return 3.0 * forward_flops_per_token(model, seq_len)["total"]
 
 
-def peak_flops_per_device(device: jax.Device) -> float | None:
-  """The device's dense bf16 peak, or None where it is not known (e.g. CPUs)."""
-  matches = [kind for kind in PEAK_FLOPS if kind in device.device_kind]
-  return PEAK_FLOPS[max(matches, key=len)] if matches else None
+def peak_flops_per_device(device: jax.Device, dtype: str) -> float | None:
+  """The device's dense matmul peak for compute `dtype`, or None where it is not known (CPUs, float64)."""
+  peaks = PEAK_FLOPS.get(dtype, {})
+  matches = [kind for kind in peaks if kind in device.device_kind]
+  return peaks[max(matches, key=len)] if matches else None

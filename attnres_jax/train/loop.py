@@ -12,13 +12,15 @@ from jax.experimental import multihost_utils
 
 from attnres_jax import data
 from attnres_jax.config_checks import check_run_config
-from attnres_jax.sharding import activate, batch_sharding, make_mesh
+from attnres_jax.files import write_json_atomically
+from attnres_jax.sharding import activate, batch_sharding, check_mesh_fits, make_mesh
 from attnres_jax.train.checkpoint import Checkpointer
 from attnres_jax.train.dynamics import DynamicsLog, make_dynamics_step
 from attnres_jax.train.flops import peak_flops_per_device, train_flops_per_token
 from attnres_jax.train.metrics import MetricsWriter
 from attnres_jax.train.optim import learning_rate_schedule, make_optimizer
-from attnres_jax.train.state import create_train_state, state_shardings
+from attnres_jax.train.resume import check_resume
+from attnres_jax.train.state import abstract_train_state, create_train_state, state_shardings
 from attnres_jax.train.steps import make_eval_step, make_train_step
 
 
@@ -33,31 +35,13 @@ def load_splits_once(config: ml_collections.ConfigDict) -> data.TokenSplits:
   return splits
 
 
-def check_mesh_fits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-  """Every micro-batch splits evenly over the batch axes, and every process holds its own rows."""
-  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-  micro_batch = config.data.global_batch_size // config.optim.grad_accum_steps
-  if micro_batch % batch_devices:
-    raise ValueError(f"config.data.global_batch_size={config.data.global_batch_size}: each of the "
-                     f"{config.optim.grad_accum_steps} micro-batches must split over data x fsdp = "
-                     f"{batch_devices} devices")
-  if jax.process_count() > 1 and (mesh.size != jax.device_count() or batch_devices % jax.process_count()):
-    raise ValueError(f"config.mesh: with {jax.process_count()} processes the mesh must use all "
-                     f"{jax.device_count()} devices and data x fsdp ({batch_devices}) must be a multiple of "
-                     f"the process count")
-
-
-def check_resume_matches(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """A workdir keeps one model: its saved config.json must describe the same `config.model`."""
+def saved_config(workdir: str) -> dict | None:
+  """The `config.json` a workdir's last start wrote (the reference for checkpoints that store no config)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
-    return
+    return None
   with open(path, encoding="utf-8") as f:
-    saved = json.load(f).get("model", {})
-  differing = {k: (saved.get(k), v) for k, v in config.model.to_dict().items() if saved.get(k, v) != v}
-  if differing:
-    raise ValueError(f"{workdir} holds a run of another model; config.model differs in (saved, now): "
-                     f"{differing}. Use a new --workdir; nothing was changed.")
+    return json.load(f)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -65,7 +49,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns the final train and validation losses.
   """
-  check_run_config(config, jax.process_count())
+  check_run_config(config, jax.process_count(), jax.default_backend())
   mesh = make_mesh(config.mesh)
   check_mesh_fits(config, mesh)
   with activate(mesh, config.mesh.rules):
@@ -75,9 +59,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _train_and_evaluate(config, workdir, mesh) -> dict[str, float]:
   process_index, process_count = jax.process_index(), jax.process_count()
   is_main = process_index == 0
-  os.makedirs(workdir, exist_ok=True)
-  check_resume_matches(config, workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise FileExistsError(f"--workdir={workdir} is a file, not a directory")
   splits = load_splits_once(config)
+  os.makedirs(workdir, exist_ok=True)  # after the data checks: a mistake there leaves no empty workdir
   to_global = functools.partial(jax.make_array_from_process_local_data, batch_sharding(mesh, config.mesh.rules))
   data_kwargs = dict(seq_len=config.data.seq_len, global_batch_size=config.data.global_batch_size,
                      process_index=process_index, process_count=process_count)
@@ -86,19 +71,28 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, float]:
 
   num_steps = config.train.num_steps
   tx = make_optimizer(config.optim, num_steps)
-  graphdef, state = create_train_state(config, mesh, tx)
+  graphdef, abstract_state = abstract_train_state(config, mesh, tx)
   checkpointer = Checkpointer(workdir, max_to_keep=config.train.max_to_keep,
                               async_checkpointing=config.train.async_checkpointing)
-  state = checkpointer.restore_latest(state, train_iterator) or state
+  run_name = os.path.basename(os.path.abspath(workdir))
+  config_json = json.loads(config.to_json_best_effort())
+
+  def check_run(step, saved_run):
+    saved = saved_run["config"] if saved_run else saved_config(workdir)
+    changed = check_resume(saved, config, step) if saved else []
+    if changed and is_main:
+      print(f"[{run_name}] resuming step {step} with changed {', '.join(changed)}", flush=True)
+
+  state = checkpointer.restore_latest(abstract_state, train_iterator, check_run=check_run)
+  if state is None:  # a new run: only now is a state initialised
+    state = create_train_state(config, mesh, tx)[1]
   start_step = int(state.step)
 
-  run_name = os.path.basename(os.path.abspath(workdir))
   tokens_per_step = config.data.global_batch_size * config.data.seq_len
   flops_per_token = train_flops_per_token(config.model, config.data.seq_len)
-  peak = peak_flops_per_device(jax.devices()[0])
+  peak = peak_flops_per_device(jax.devices()[0], config.model.dtype)
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    write_json_atomically(os.path.join(workdir, "config.json"), config_json)
     num_params = sum(np.size(p) for p in jax.tree.leaves(state.params))
     print(f"[{run_name}] {config.model.residual} model, {num_params:,} parameters; {tokens_per_step:,} tokens "
           f"per step, steps {start_step} -> {num_steps}"
@@ -152,6 +146,7 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, float]:
     # Dynamics of the parameters this step updates, dispatched before the step (which donates them).
     dynamics = dynamics_step(state.params, batch) if dynamics_every and step % dynamics_every == 0 else None
     state, metrics = train_step(state, batch)
+    checkpointer.seal_finished()
     settle()
     pending = (step, metrics, dynamics)
     if step % config.train.eval_every == 0 or step == num_steps:
@@ -161,9 +156,8 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, float]:
       writer.note(f"[{run_name}] step {step}: validation loss {final['eval_loss']:.4f}")
     if step % config.train.checkpoint_every == 0 or step == num_steps:
       settle()
-      checkpointer.save(state, train_iterator)
+      checkpointer.save(state, train_iterator, run={"config": config_json})
   settle()
-  checkpointer.wait()
   checkpointer.close()
   dynamics_log.close()
   writer.close()
