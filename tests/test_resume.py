@@ -103,14 +103,26 @@ def test_extending_a_wsd_run_in_its_stable_phase_equals_training_that_long(tmp_p
     train_and_evaluate(wsd_config(corpus_cache, 20), extended)
 
 
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, corpus_cache):
+  """A finished 8-step WSD run (checkpoints 4 and 8), trained once; tests take copies."""
+  workdir = str(tmp_path_factory.mktemp("trained") / "run")
+  train_and_evaluate(wsd_config(corpus_cache, 8), workdir)
+  return workdir
+
+
+@pytest.fixture
+def workdir(trained_run, tmp_path):
+  """A copy of the trained run to resume, damage or refuse."""
+  return shutil.copytree(trained_run, str(tmp_path / "run"))
+
+
 def snapshot(directory):
   return {os.path.join(root, name): os.path.getsize(os.path.join(root, name))
           for root, _, names in os.walk(directory) for name in names}
 
 
-def test_an_unrelated_restore_error_stops_the_run_and_moves_nothing(tmp_path, corpus_cache, monkeypatch):
-  workdir = str(tmp_path / "run")
-  train_and_evaluate(wsd_config(corpus_cache, 8), workdir)
+def test_an_unrelated_restore_error_stops_the_run_and_moves_nothing(workdir, corpus_cache, monkeypatch):
   before = snapshot(workdir)
 
   def refuse(*args, **kwargs):
@@ -122,9 +134,7 @@ def test_an_unrelated_restore_error_stops_the_run_and_moves_nothing(tmp_path, co
   assert snapshot(workdir) == before and not os.path.exists(os.path.join(workdir, "corrupt_checkpoints"))
 
 
-def test_a_missing_file_of_a_sealed_checkpoint_falls_back_to_the_previous_one(tmp_path, corpus_cache):
-  workdir = str(tmp_path / "run")
-  train_and_evaluate(wsd_config(corpus_cache, 8), workdir)
+def test_a_missing_file_of_a_sealed_checkpoint_falls_back_to_the_previous_one(workdir, corpus_cache):
   manifest = json.load(open(os.path.join(workdir, "checkpoints", "8", "commit_manifest.json")))
   state_file = next(name for name in manifest["files"] if name.startswith("state/") and "ocdbt" in name)
   os.remove(os.path.join(workdir, "checkpoints", "8", state_file))
@@ -134,9 +144,7 @@ def test_a_missing_file_of_a_sealed_checkpoint_falls_back_to_the_previous_one(tm
   assert [name.split("-")[0] for name in os.listdir(os.path.join(workdir, "corrupt_checkpoints"))] == ["8"]
 
 
-def test_a_restart_reads_the_checkpoint_without_initialising_a_state(tmp_path, corpus_cache, monkeypatch):
-  workdir = str(tmp_path / "run")
-  train_and_evaluate(wsd_config(corpus_cache, 8), workdir)
+def test_a_restart_reads_the_checkpoint_without_initialising_a_state(workdir, corpus_cache, monkeypatch):
   shutil.rmtree(os.path.join(workdir, "checkpoints", "8"))
 
   def no_fresh_state(*args, **kwargs):
@@ -153,9 +161,7 @@ def damage_every_checkpoint(workdir):
     os.remove(os.path.join(workdir, "checkpoints", step, "state", "_sharding"))
 
 
-def test_when_every_checkpoint_is_damaged_the_run_stops_instead_of_starting_over(tmp_path, corpus_cache):
-  workdir = str(tmp_path / "run")
-  train_and_evaluate(wsd_config(corpus_cache, 8), workdir)
+def test_when_every_checkpoint_is_damaged_the_run_stops_instead_of_starting_over(workdir, corpus_cache):
   damage_every_checkpoint(workdir)
   with pytest.raises(CheckpointRestoreError, match=r"Every checkpoint .* is damaged \(steps \[8, 4\]"):
     train_and_evaluate(wsd_config(corpus_cache, 8), workdir)
@@ -163,11 +169,9 @@ def test_when_every_checkpoint_is_damaged_the_run_stops_instead_of_starting_over
       "4", "8"]
 
 
-def test_a_read_only_reader_skips_damage_without_moving_it(tmp_path, corpus_cache):
+def test_a_read_only_reader_skips_damage_without_moving_it(workdir, corpus_cache):
   """Sampling reads a workdir that a run may still be training in: it moves nothing."""
-  workdir = str(tmp_path / "run")
   config = wsd_config(corpus_cache, 8)
-  train_and_evaluate(config, workdir)
   os.remove(os.path.join(workdir, "checkpoints", "8", "state", "_sharding"))
   before = snapshot(workdir)
   _, abstract = abstract_train_state(config, make_mesh(config.mesh), make_optimizer(config.optim, 8))
