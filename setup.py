@@ -25,7 +25,7 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        "dev": ["pytest>=8", "jax[tpu]>=0.10.2,<0.13"],  # libtpu: the tests compile for TPU slices ahead of time
         "cuda": ["jax[cuda12]>=0.10.2,<0.13"],
         "tpu": ["jax[tpu]>=0.10.2,<0.13"],
     },

@@ -6,6 +6,7 @@ from typing import Any
 import jax
 
 from attnres_jax.kernels.depth_attention_op import IMPLS
+from attnres_jax.model.attention_kernels import IMPLS as ATTENTION_IMPLS
 from attnres_jax.residuals.hyper_connections import RESIDUAL_MIXINGS
 from attnres_jax.residuals.mixing_rules import LOGITS, NORMALIZATIONS
 from attnres_jax.residuals.remat import REMAT_POLICIES
@@ -58,8 +59,11 @@ def check_model_config(model: Mapping[str, Any]) -> None:
     _fail("remat", model["remat"], f"must be one of {REMAT_POLICIES}")
   if model["depth_attention_impl"] not in IMPLS:
     _fail("depth_attention_impl", model["depth_attention_impl"], f"must be one of {IMPLS}")
-  if not isinstance(model["two_phase"], bool):
-    _fail("two_phase", model["two_phase"], "must be True or False")
+  if model["attention_impl"] not in ATTENTION_IMPLS:
+    _fail("attention_impl", model["attention_impl"], f"must be one of {ATTENTION_IMPLS}")
+  for field in ("two_phase", "unroll_layers"):
+    if not isinstance(model[field], bool):
+      _fail(field, model[field], "must be True or False")
   if model["two_phase"] and model["residual"] not in ("full", "block"):
     _fail("two_phase", True, f"applies to AttnRes only (residual=full or block), not {model['residual']}")
   _check_mixing_rule(model)
@@ -115,10 +119,14 @@ def _check_hyper_connections(model: Mapping[str, Any]) -> None:
 
 
 def check_platform(model: Mapping[str, Any], platform: str) -> None:
-  """The depth-attention kernel compiles for accelerators only; on CPU it runs interpreted."""
+  """Kernels compile for their accelerators only; on CPU the Pallas ones run interpreted."""
   if model["depth_attention_impl"] == "pallas" and platform == "cpu":
     _fail("depth_attention_impl", "pallas", "the Pallas kernel compiles for TPU and GPU only, and this machine has "
           "only CPUs: use pallas_interpret (the same kernel, interpreted) or xla")
+  needs = {"splash": "tpu", "cudnn": "gpu"}.get(model["attention_impl"])
+  if needs and platform != needs:
+    _fail("attention_impl", model["attention_impl"], f"runs on {needs.upper()} only and this run is on {platform}: "
+          "use auto (picks by platform), xla, or splash_interpret (the TPU kernel, interpreted, on CPU)")
 
 
 def check_run_config(config: Mapping[str, Any], process_count: int = 1, platform: str = "cpu") -> None:
@@ -164,7 +172,26 @@ def check_run_config(config: Mapping[str, Any], process_count: int = 1, platform
           f"warmup (+ wsd decay) must fit in config.train.num_steps={train['num_steps']}", "optim")
   if not 0 <= data["seed"] < 2**32:
     _fail("seed", data["seed"], "must be in [0, 2**32)", "data")
+  if not isinstance(train["loss_chunk_size"], int) or train["loss_chunk_size"] < 0:
+    _fail("loss_chunk_size", train["loss_chunk_size"], "must be an integer >= 0 (0 = the whole batch at once)",
+          "train")
+  if train["loss_chunk_size"] and data["seq_len"] % train["loss_chunk_size"]:
+    _fail("loss_chunk_size", train["loss_chunk_size"], f"must divide config.data.seq_len={data['seq_len']} "
+          "(each chunk takes that many positions of every sequence)", "train")
+  _check_profile_steps(train["profile_steps"], train["num_steps"])
   _check_field_names(config, "resume_accept_changes")
+
+
+def _check_profile_steps(value: Any, num_steps: int) -> None:
+  """`config.train.profile_steps` is "" or "first:last" with 1 <= first <= last <= num_steps."""
+  if value == "":
+    return
+  parts = value.split(":") if isinstance(value, str) else []
+  if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    _fail("profile_steps", value, "must be 'first:last' (steps, e.g. '20:25') or '' (off)", "train")
+  first, last = map(int, parts)
+  if not 1 <= first <= last <= num_steps:
+    _fail("profile_steps", value, f"needs 1 <= first <= last <= config.train.num_steps={num_steps}", "train")
 
 
 def _check_field_names(config: Mapping[str, Any], field: str) -> None:

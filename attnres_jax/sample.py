@@ -37,17 +37,27 @@ _WINDOW = flags.DEFINE_integer("window", 0, "Attention span of the KV cache; 0 =
 flags.mark_flag_as_required("workdir")
 
 
+# Fields added to the config after workdirs were first written, and the value that reproduces those runs.
+ADDED_FIELDS = {"model": {"attention_impl": "xla", "unroll_layers": False},
+                "train": {"loss_chunk_size": 0, "profile_steps": ""}}
+
+
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with; a clear error if it is not a training workdir."""
+  """The config a workdir was trained with (older ones completed by `ADDED_FIELDS`); a clear error if it is
+  not a training workdir."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{workdir} has no config.json: not a training workdir "
                             f"(train one with python -m attnres_jax.main --config=... --workdir={workdir})")
   with open(path, encoding="utf-8") as f:
     try:
-      config = ml_collections.ConfigDict(json.load(f))
+      saved = json.load(f)
     except json.JSONDecodeError as error:
       raise ValueError(f"{path} is not valid JSON ({error}): not a config this project wrote") from error
+  for section, fields in ADDED_FIELDS.items():
+    if isinstance(saved.get(section), dict):
+      saved[section] = {**fields, **saved[section]}
+  config = ml_collections.ConfigDict(saved)
   check_model_config(config.model)
   return config
 
@@ -61,6 +71,8 @@ def load_model(workdir: str, config: ml_collections.ConfigDict):
   config.mesh.update(data=1, fsdp=1, tensor=1)
   if config.model.depth_attention_impl == "pallas" and jax.default_backend() == "cpu":
     config.model.depth_attention_impl = "xla"  # the same math; the kernel compiles for accelerators only
+  if config.model.attention_impl in ("splash", "cudnn"):
+    config.model.attention_impl = "auto"  # the same math; each kernel runs on its own platform only
   tx = make_optimizer(config.optim, config.train.num_steps)
   graphdef, abstract = abstract_train_state(config, make_mesh(config.mesh), tx)
   checkpointer = Checkpointer(workdir, max_to_keep=config.train.max_to_keep, async_checkpointing=False,

@@ -1,9 +1,11 @@
 """Device meshes from the config and logical-axis sharding rules (MaxText style).
 
 Mesh axes are `data`, `fsdp` and `tensor`. Every parameter carries logical axis
-names (`attnres_jax.axes`); `config.mesh.rules` maps each name to mesh axes
-(an unnamed or unmapped axis is replicated, and so is a dimension the mapped
-mesh axes do not divide). Activations are constrained at sublayer boundaries
+names (`attnres_jax.axes`); `config.mesh.rules` maps each name to mesh axes,
+in order, later rules for a name being fallbacks (`logical_to_spec`); an
+unnamed or unmapped axis is replicated, and so is a dimension the mapped mesh
+axes do not divide. Parameters still replicated are named at start-up
+(`replicated_parameters`). Activations are constrained at sublayer boundaries
 through the same rules: batch over data+fsdp, heads and MLP hidden over tensor.
 The AttnRes depth sources are activations; pseudo-queries and key gains
 (`depth_embed`) stay replicated.
@@ -32,7 +34,7 @@ from attnres_jax import axes
 
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
-_active: list[tuple[jax.sharding.Mesh, dict] | None] = [None]  # (mesh, rules) that `constrain` applies
+_active: list[tuple[jax.sharding.Mesh, Rules] | None] = [None]  # (mesh, rules) that `constrain` applies
 
 
 def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
@@ -62,24 +64,33 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Devi
                        devices=devices[:math.prod(shape)])
 
 
-def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], rules: dict,
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], rules: Rules,
                     mesh_sizes: dict[str, int]) -> PartitionSpec:
-  """The mesh PartitionSpec of an array with logical axis `names`, under `rules`."""
-  used, spec = set(), []
-  for name, size in zip(names, shape):
-    mapped = rules.get(name)
-    axes = tuple(a for a in ((mapped,) if isinstance(mapped, str) else (mapped or ())) if a not in used)
-    if not axes or size % math.prod(mesh_sizes[a] for a in axes):
-      spec.append(None)
-      continue
-    used.update(axes)
-    spec.append(axes[0] if len(axes) == 1 else axes)
-  return PartitionSpec(*spec)
+  """The mesh PartitionSpec of an array with logical axis `names`, under `rules`, applied in order.
+
+  A rule `(name, mesh_axes)` shards each dimension called `name` over
+  `mesh_axes` when none of them is used yet by this array and, with what
+  earlier rules gave that dimension, they divide it; otherwise it is skipped.
+  So a later rule for a name is a fallback: `("mlp", "fsdp")` after
+  `("embed", "fsdp")` shards a weight's MLP dimension over fsdp exactly when
+  d_model does not divide by it (and the weight would otherwise be replicated).
+  """
+  used: set[str] = set()
+  dims: list[tuple[str, ...]] = [() for _ in names]
+  for rule_name, mapped in rules:
+    rule_axes = (mapped,) if isinstance(mapped, str) else tuple(mapped or ())
+    for i, (name, size) in enumerate(zip(names, shape)):
+      if name != rule_name or not rule_axes or used.intersection(rule_axes):
+        continue
+      if size % math.prod(mesh_sizes[a] for a in dims[i] + rule_axes) == 0:
+        dims[i] += rule_axes
+        used.update(rule_axes)
+  return PartitionSpec(*(None if not d else d[0] if len(d) == 1 else d for d in dims))
 
 
 def param_shardings(params: nnx.State, mesh: jax.sharding.Mesh, rules: Rules) -> nnx.State:
   """NamedSharding of every parameter from its logical axis names (`out_sharding` metadata)."""
-  rules, sizes = dict(rules), dict(mesh.shape)
+  rules, sizes = tuple(rules), dict(mesh.shape)
 
   def sharding(variable):
     names = variable.get_metadata().get("out_sharding") or (None,) * np.ndim(variable.get_value())
@@ -89,10 +100,35 @@ def param_shardings(params: nnx.State, mesh: jax.sharding.Mesh, rules: Rules) ->
   return jax.tree.map(sharding, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def replicated_parameters(params: nnx.State, *, over: Sequence[str] = ("fsdp", "tensor"),
+                          min_bytes: int = 2**20) -> list[tuple[str, int]]:
+  """(path, bytes per device) of each parameter held more than 1.1x over its share of the `over` axes.
+
+  `params` are arrays or `jax.ShapeDtypeStruct`s with shardings. The share is
+  total bytes / the size of the `over` mesh axes (data-parallel replicas are
+  intended). Only arrays holding at least `min_bytes` per device are named;
+  largest first.
+  """
+  found = []
+  for path, variable in nnx.to_flat_state(params):
+    x = variable.get_value()
+    per_device = math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+    share = math.prod(x.shape) * x.dtype.itemsize / math.prod(x.sharding.mesh.shape[a] for a in over)
+    if per_device >= min_bytes and per_device > 1.1 * share:
+      found.append(("/".join(map(str, path)), per_device))
+  return sorted(found, key=lambda item: -item[1])
+
+
+def replication_warnings(params: nnx.State) -> list[str]:
+  """One line per large parameter `replicated_parameters` finds, for a run's start-up output."""
+  return [f"warning: parameter {path} is not sharded over fsdp x tensor: {per_device / 2**20:,.1f} MiB on "
+          f"every device (with its optimiser moments, 3x that); add a rule for one of its axes to "
+          f"config.mesh.rules" for path, per_device in replicated_parameters(params)]
+
+
 def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> NamedSharding:
-  """Sharding of a `[B, T + 1]` token batch: batch over the axes the rules give `batch`."""
-  mapped = dict(rules).get("batch")
-  return NamedSharding(mesh, PartitionSpec(mapped, None))
+  """Sharding of a `[B, T + 1]` token batch: batch over the axes of the first rule for `batch`."""
+  return NamedSharding(mesh, PartitionSpec(_batch_axes(rules) or None, None))
 
 
 def check_mesh_fits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, process_count: int | None = None,
@@ -139,8 +175,8 @@ def check_mesh_fits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
 
 
 def _batch_axes(rules: Rules) -> tuple[str, ...]:
-  """The mesh axes `rules` give the logical batch axis."""
-  mapped = dict(rules).get(axes.BATCH)
+  """The mesh axes of the first rule for the logical batch axis."""
+  mapped = next((mapped for name, mapped in rules if name == axes.BATCH), None)
   return (mapped,) if isinstance(mapped, str) else tuple(mapped or ())
 
 
@@ -151,20 +187,29 @@ def activate(mesh: jax.sharding.Mesh, rules: Rules) -> Iterator[None]:
   No global mesh is set: with Auto axes, concrete NamedShardings on the inputs
   and on the constraints are all GSPMD needs.
   """
-  _active.append((mesh, dict(rules)))
+  _active.append((mesh, tuple(rules)))
   try:
     yield
   finally:
     _active.pop()
 
 
+def active_mesh() -> jax.sharding.Mesh | None:
+  """The mesh of the innermost `activate`, or None outside one."""
+  return None if _active[-1] is None else _active[-1][0]
+
+
+def activation_spec(names: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec:
+  """The spec `constrain` gives an activation with logical axis `names` inside `activate`."""
+  mesh, rules = _active[-1]
+  return logical_to_spec(names, shape, rules, dict(mesh.shape))
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Sharding hint for an activation with logical axis `names`; a no-op outside `activate`."""
   if _active[-1] is None:
     return x
-  mesh, rules = _active[-1]
-  spec = logical_to_spec(names, x.shape, rules, dict(mesh.shape))
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(_active[-1][0], activation_spec(names, x.shape)))
 
 
 def map_batch_shards(fn, batched: Sequence[jax.Array], batch_dims: Sequence[int], replicated: Sequence[jax.Array],

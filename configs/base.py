@@ -32,6 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
   model.remat = "full"  # activation rematerialisation: none | full | save_dots
   # Depth attention over sealed blocks: xla (jnp reference) | pallas (TPU/GPU kernel) | pallas_interpret (CPU)
   model.depth_attention_impl = "xla"
+  # Token attention: xla (dense T x T scores) | splash (TPU flash kernel) | splash_interpret (CPU) |
+  # cudnn (GPU flash) | auto (splash on TPU, cudnn on GPU, xla on CPU); model/attention_kernels.py
+  model.attention_impl = "xla"
+  model.unroll_layers = False  # unroll every layer and loss-chunk loop (AOT cost estimates; compiles slowly)
   # AttnRes: answer all queries of a block at its start, then merge each partial sum (docs/method.md §6)
   model.two_phase = False
   # Ablations of the depth-mixing rule (docs/method.md §8; residuals/mixing_rules.py); any change runs in jnp.
@@ -81,16 +85,20 @@ def get_config() -> ml_collections.ConfigDict:
   # Resuming with another config is refused (train/resume.py), except for these dotted fields, comma-separated
   train.resume_accept_changes = ""
   train.async_checkpointing = True  # write checkpoints in the background
+  train.loss_chunk_size = 0  # tokens per cross-entropy chunk (logits never built whole; recomputed); 0 = one chunk
+  train.profile_steps = ""  # "first:last" steps traced by jax.profiler into <workdir>/profile; "" = off
 
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = -1  # data-parallel devices; -1 = all devices the other axes leave
   mesh.fsdp = 1  # devices sharding parameters, optimiser state (over embed) and the batch
   mesh.tensor = 1  # devices sharding heads, MLP hidden and vocab (tensor parallelism)
-  # Logical axis -> mesh axes (attnres_jax/axes.py names); unlisted axes are replicated.
+  # Logical axis -> mesh axes (attnres_jax/axes.py names), applied in order; unlisted axes are replicated.
+  # The last line are fallbacks: where d_model does not divide by fsdp, weights shard another dimension.
   mesh.rules = (
       ("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"),
       ("kv_heads", "tensor"), ("mlp", "tensor"), ("activation_heads", "tensor"),
-      ("activation_mlp", "tensor"), ("activation_vocab", "tensor"))
+      ("activation_mlp", "tensor"), ("activation_vocab", "tensor"),
+      ("mlp", "fsdp"), ("vocab", "fsdp"), ("kv", "fsdp"))
 
   config.distributed = distributed = ml_collections.ConfigDict()
   distributed.initialize = False  # call jax.distributed.initialize() first (multi-host runs)

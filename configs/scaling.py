@@ -3,8 +3,11 @@
 `paper-194M` .. `paper-528M` are the paper's five shapes (Table 2: layers,
 heads = layers, d_model, learning rate, context 8192, tokens) as dense models
 with 128-channel heads (d_model / heads is not an integer there): the paper's
-are mixture-of-experts, so `d_ff` here is the dense SwiGLU width 8/3 d and the
-parameter counts differ; they read the user's token files. `cpu-1` .. `cpu-5`
+are mixture-of-experts, so `d_ff` here is the dense SwiGLU width 8/3 d
+(rounded up to a multiple of 128, so that it shards over fsdp where d_model
+does not) and the parameter counts differ; they read the user's token files,
+run flash attention where there is one (`attention_impl=auto`) and a chunked
+loss. `cpu-1` .. `cpu-5`
 keep the ratios (heads = layers, d_model / layers = 16, d_ff / d_model = 8/3,
 tokens growing faster than parameters) scaled down until the smallest trains in
 a few minutes on a 2-core CPU. Block AttnRes uses about 8 blocks at the paper's
@@ -38,13 +41,16 @@ def get_config(size: str = "cpu-1"):
     raise ValueError(f"configs/scaling.py:{size}: unknown size; one of {sorted(SIZES)}")
   layers, d_model, peak_lr, context, batch, steps = SIZES[size]
   config = base.get_config()
+  multiple = 128 if size in PAPER else 16  # 128: the MLP width divides by fsdp = 16, 32, 64 and the MXU tile
   config.model.update(dict(num_layers=layers, num_heads=layers, num_kv_heads=layers, d_model=d_model,
-                           d_ff=-(-8 * d_model // 3 // 16) * 16, block_size=2 * layers // 8 if size in PAPER else 2))
+                           d_ff=-(-8 * d_model // 3 // multiple) * multiple,
+                           block_size=2 * layers // 8 if size in PAPER else 2))
   config.data.update(dict(seq_len=context, global_batch_size=batch))
   config.optim.update(dict(peak_lr=peak_lr, warmup_steps=max(10, steps // 20)))
   config.train.update(dict(num_steps=steps, eval_every=steps, checkpoint_every=max(50, steps // 4),
                            dynamics_every=0))
   if size in PAPER:
-    config.model.update(dict(dtype="bfloat16", vocab_size=163_840, head_dim=128))
+    config.model.update(dict(dtype="bfloat16", vocab_size=163_840, head_dim=128, attention_impl="auto"))
+    config.train.loss_chunk_size = 1024  # never the whole [B, 8192, 163840] float32 logits (docs/method.md §13)
     config.data.source = "token_files"  # the paper's tokenizer and corpus are the user's own
   return config

@@ -59,12 +59,14 @@ def main():
   parser.add_argument("--window", type=int, default=512, help="KV-cache positions")
   parser.add_argument("--new_tokens", type=int, default=64, help="decode steps timed per variant (median)")
   parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds of one prefill and some steps")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="activation dtype")
   args = parser.parse_args()
   print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, batch {args.batch}, prompt {args.prompt_length}, "
-        f"window {args.window}, d {args.d_model}, Block N = {args.num_blocks}")
+        f"window {args.window}, d {args.d_model}, {args.dtype}, Block N = {args.num_blocks}")
   print_header("| L | residual | S | prefill ms | x base | decode ms/token | x base |")
   for num_sublayers in map(int, args.sublayers.split(",")):
-    configs = {residual: model_config(residual, num_sublayers, args.d_model, args.num_blocks, remat="none")
+    configs = {residual: model_config(residual, num_sublayers, args.d_model, args.num_blocks, remat="none",
+                                      dtype=args.dtype)
                for residual in args.residuals}
     timers = {residual: DecodeTimer(config, args.batch, args.prompt_length, args.window)
               for residual, config in configs.items()}

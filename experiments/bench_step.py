@@ -4,9 +4,13 @@ Each row is one fwd+bwd step (`value_and_grad` of the next-token loss, remat as
 configured) at one depth and width; ratios are against `prenorm` at the same
 depth and width, measured in the same run. Memory is XLA's compiled temp
 allocation (`memory_analysis().temp_size_in_bytes`), which excludes
-parameters, inputs and outputs.
+parameters, inputs and outputs. MFU is the model's training FLOPs
+(`train/flops.py`, rematerialisation not counted) per second against the
+device's dense peak for `--dtype`; "-" where the peak is not known (CPUs).
 
   python -m experiments.bench_step --sublayers=8,16,32 --d_models=256,512   # from the repository root
+  python -m experiments.bench_step --sublayers=32 --d_models=1280 --batch=4 --seq_len=8192 \
+    --dtype=bfloat16 --attention_impl=cudnn   # one GPU
 """
 
 import argparse
@@ -17,6 +21,8 @@ import jax
 from flax import nnx
 
 from attnres_jax import Transformer, cli
+from attnres_jax.model.attention_kernels import IMPLS
+from attnres_jax.train.flops import peak_flops_per_device, train_flops_per_token
 from attnres_jax.train.loss import next_token_loss
 from configs import base
 
@@ -29,7 +35,8 @@ VARIANTS = {"prenorm": dict(residual="prenorm"), "full": dict(residual="full"), 
             "full_input_dependent_query": dict(residual="full", depth_query_projection=True)}
 
 
-def model_config(variant: str, num_sublayers: int, d_model: int, num_blocks: int, remat: str):
+def model_config(variant: str, num_sublayers: int, d_model: int, num_blocks: int, remat: str, *,
+                 dtype: str = "float32", attention_impl: str = "xla"):
   """The benchmarked model: 64-channel heads, SwiGLU width about 8/3 d, Block S = L // N."""
   if num_sublayers < 2 or num_sublayers % 2:
     raise ValueError(f"--sublayers: {num_sublayers} must be even and >= 2 (attention + MLP per layer)")
@@ -41,7 +48,7 @@ def model_config(variant: str, num_sublayers: int, d_model: int, num_blocks: int
   config.update(dict(
       **VARIANTS[variant], num_layers=num_sublayers // 2, d_model=d_model, num_heads=d_model // 64,
       num_kv_heads=d_model // 64, d_ff=-(-8 * d_model // 3 // 64) * 64, remat=remat,
-      block_size=max(1, num_sublayers // num_blocks)))
+      block_size=max(1, num_sublayers // num_blocks), dtype=dtype, attention_impl=attention_impl))
   return config
 
 
@@ -89,6 +96,14 @@ def measure(config, batch: int, seq_len: int, steps: int) -> dict:
               temp_mib=compiled.memory_analysis().temp_size_in_bytes / 2**20)
 
 
+def mfu_label(config, batch: int, seq_len: int, step_s: float) -> str:
+  """Model FLOPs utilisation of one step against the device's peak for `config.dtype`, or "-" if unknown."""
+  peak = peak_flops_per_device(jax.devices()[0], config.dtype)
+  if not peak:
+    return "-"
+  return f"{100 * train_flops_per_token(config, seq_len) * batch * seq_len / step_s / peak:.1f}%"
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--sublayers", default="8,16,32", help="comma-separated sublayer counts L")
@@ -98,21 +113,25 @@ def main():
   parser.add_argument("--seq_len", type=int, default=128)
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--remat", default="full", choices=["none", "full", "save_dots"])
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="activation dtype")
+  parser.add_argument("--attention_impl", default="xla", choices=IMPLS, help="token attention (model.attention_impl)")
   args = parser.parse_args()
   print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, batch {args.batch}, seq_len {args.seq_len}, "
-        f"remat {args.remat}, Block N = {args.num_blocks}")
-  print_header("| L | d | residual | S | step ms | x base | compile s | x base | temp MiB | x base |")
+        f"remat {args.remat}, {args.dtype}, attention {args.attention_impl}, Block N = {args.num_blocks}")
+  print_header("| L | d | residual | S | step ms | x base | compile s | x base | temp MiB | x base | MFU |")
   for num_sublayers in map(int, args.sublayers.split(",")):
     for d_model in map(int, args.d_models.split(",")):
       baseline = None
       for residual in args.residuals:
-        config = model_config(residual, num_sublayers, d_model, args.num_blocks, args.remat)
+        config = model_config(residual, num_sublayers, d_model, args.num_blocks, args.remat, dtype=args.dtype,
+                              attention_impl=args.attention_impl)
         result = measure(config, args.batch, args.seq_len, args.steps)
         baseline = baseline or result
         print(f"| {num_sublayers} | {d_model} | {residual} | {block_size_label(config)} "
               f"| {1e3 * result['step_s']:.1f} | {result['step_s'] / baseline['step_s']:.2f} "
               f"| {result['compile_s']:.1f} | {result['compile_s'] / baseline['compile_s']:.2f} "
-              f"| {result['temp_mib']:.1f} | {result['temp_mib'] / baseline['temp_mib']:.2f} |", flush=True)
+              f"| {result['temp_mib']:.1f} | {result['temp_mib'] / baseline['temp_mib']:.2f} "
+              f"| {mfu_label(config, args.batch, args.seq_len, result['step_s'])} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """KV-cache decoding equals the full forward; sampling filters; the sample CLI (docs/method.md §11)."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ import pytest
 from flax import nnx
 
 from attnres_jax.generate import Generator, Sampling, sample_tokens
-from attnres_jax.sample import load_model, load_run_config
+from attnres_jax.sample import ADDED_FIELDS, load_model, load_run_config
 from attnres_jax.train.checkpoint import Checkpointer
 from attnres_jax.model import kv_cache, transformer
 from attnres_jax.train.loop import train_and_evaluate
@@ -135,3 +137,19 @@ def test_sample_cli_errors(trained_workdir, tmp_path):
   assert result.returncode != 0 and "no checkpoint" in result.stderr
   result = run_sample(f"--workdir={trained_workdir}", "--prompt=" + "x" * 33)  # smoke seq_len is 32
   assert result.returncode != 0 and "1 to 32" in result.stderr
+
+
+def test_a_workdir_written_before_newer_config_fields_still_loads(trained_workdir, tmp_path):
+  """A config.json without the fields added since (`sample.ADDED_FIELDS`) loads with the values that
+  reproduce its run."""
+  shutil.copytree(trained_workdir, tmp_path / "old")
+  path = tmp_path / "old" / "config.json"
+  saved = json.loads(path.read_text())
+  for section, fields in ADDED_FIELDS.items():
+    for field in fields:
+      del saved[section][field]
+  path.write_text(json.dumps(saved))
+  config = load_run_config(str(tmp_path / "old"))
+  assert config.model.attention_impl == "xla" and config.train.loss_chunk_size == 0
+  model, step = load_model(str(tmp_path / "old"), config)
+  assert step == 4

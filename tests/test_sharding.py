@@ -139,18 +139,16 @@ def test_activation_width_split_over_tensor_keeps_key_norm_exact():
 
 
 def expected_spec(names, shape, rules, mesh_sizes):
-  """The rules applied by hand: first mapping wins, an axis used once, non-dividing axes replicated."""
-  used, spec = set(), []
-  for name, size in zip(names, shape):
-    axes = rules.get(name, ())
-    axes = [axes] if isinstance(axes, str) else [a for a in axes if a not in used]
-    total = int(np.prod([mesh_sizes[a] for a in axes])) if axes else 1
-    if axes and size % total == 0:
-      used.update(axes)
-      spec.append(axes[0] if len(axes) == 1 else tuple(axes))
-    else:
-      spec.append(None)
-  return PartitionSpec(*spec)
+  """The rules applied by hand, one rule after another: a rule gives its mesh axes to each dimension of its
+  name unless one of them is taken already or the dimension's axes would no longer divide it."""
+  taken, given = set(), {i: [] for i in range(len(names))}
+  for rule_name, mapped in rules:
+    mapped = [mapped] if isinstance(mapped, str) else list(mapped or [])
+    for i in [i for i, name in enumerate(names) if name == rule_name and mapped]:
+      if taken.isdisjoint(mapped) and shape[i] % int(np.prod([mesh_sizes[a] for a in given[i] + mapped])) == 0:
+        given[i] += mapped
+        taken.update(mapped)
+  return PartitionSpec(*[None if not a else a[0] if len(a) == 1 else tuple(a) for a in given.values()])
 
 
 def test_parameter_shardings_follow_logical_axes_and_rules():
@@ -158,7 +156,7 @@ def test_parameter_shardings_follow_logical_axes_and_rules():
   mesh = make_mesh(config.mesh)
   with activate(mesh, config.mesh.rules):
     _, state = create_train_state(config, mesh, optax.adamw(1e-2))
-  rules, sizes = dict(config.mesh.rules), dict(mesh.shape)
+  rules, sizes = config.mesh.rules, dict(mesh.shape)
   model = nnx.eval_shape(lambda: __import__("attnres_jax").Transformer(config.model, rngs=nnx.Rngs(0)))
   for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     names = variable.get_metadata()["out_sharding"]

@@ -107,6 +107,9 @@ def test_flop_count_orders_the_rules():
     ("model", "param_dtype", "bfloat16"),  # AdamW without float32 master weights
     ("model", "depth_attention_impl", "pallas"),  # no accelerator to compile the kernel for
     ("train", "resume_accept_changes", "data.paht"),
+    ("model", "attention_impl", "flash"), ("model", "attention_impl", "splash"),  # splash: TPU only
+    ("train", "loss_chunk_size", -8), ("train", "loss_chunk_size", 24),  # 24 does not divide seq_len
+    ("train", "profile_steps", "5"), ("train", "profile_steps", "0:2"), ("train", "profile_steps", "3:2"),
 ])
 def test_invalid_run_config_names_the_field(section, field, value):
   config = smoke.get_config()

@@ -4,7 +4,8 @@ docs/method.md §2 (key RMSNorm, logits, softmax, weighted sum) and the
 log-sum-exp merge of docs/method.md §6. Everything runs in float32 (float64 for float64
 inputs) whatever the source dtype (convention, docs/method.md §12.1), at full precision
 (`Precision.HIGHEST`: no TF32 on GPUs, which was measured to move the log-sum-exp
-by 3e-4 on an H100): logits
+by 3e-4 on an H100; bf16 sources are multiplied and summed in float32 instead,
+`_contract`): logits
 `s_i = (v_i . (w * g)) / rms(v_i)`, no 1/sqrt(d) scale, softmax over the source
 axis only. The key norm is kept as one inverse-RMS scalar per source and token,
 so keys are never materialised: `RMSNorm(v) . w = (v . (w * g)) * inv_rms(v)`.
@@ -38,6 +39,20 @@ def inverse_rms(x_MxD: Array, eps: float) -> Array:
   return jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1) + eps)
 
 
+def _contract(subscripts: str, x: Array, y: Array, *, dtype, fused: bool, axis: int) -> Array:
+  """`einsum(subscripts, x, y)` in `dtype` at full precision; with `fused`, as `sum(x * y, axis)`.
+
+  For sources narrower than float32 (bf16) the multiply-and-sum is what XLA
+  fuses into one pass over the buffer: as a float32 dot it converts and copies
+  the whole `[S, M, d]` buffer to float32 at every call (paper-436M Block on a
+  v5p chip: 19.5 -> 13.7 GiB of temp memory, docs/method.md §13). Float32
+  sources keep the dot, which is faster on CPUs.
+  """
+  if fused:
+    return jnp.sum(x.astype(dtype) * y.astype(dtype), axis=axis)
+  return jnp.einsum(subscripts, x, y, preferred_element_type=dtype, precision=jax.lax.Precision.HIGHEST)
+
+
 def attend(
     sources_SxMxD: Array,
     inv_rms_SxM: Array,
@@ -55,9 +70,9 @@ def attend(
   """
   dtype = compute_dtype(sources_SxMxD.dtype)
   query_gain_D = query_gain_D.astype(dtype)
-  logits_SxM = jnp.einsum(
-      "s...d,d->s...", sources_SxMxD, query_gain_D, preferred_element_type=dtype,
-      precision=jax.lax.Precision.HIGHEST) * inv_rms_SxM
+  fused = sources_SxMxD.dtype != dtype  # narrower sources: no float32 copy of the buffer (`_contract`)
+  logits_SxM = _contract("s...d,d->s...", sources_SxMxD, query_gain_D, dtype=dtype, fused=fused,
+                         axis=-1) * inv_rms_SxM
   if mask_SxM is not None:
     logits_SxM = jnp.where(mask_SxM, logits_SxM, -jnp.inf)
   max_M = jax.lax.stop_gradient(jnp.max(logits_SxM, axis=0))
@@ -68,9 +83,8 @@ def attend(
   safe_denominator_M = jnp.where(any_source_M, denominator_M, 1.0)
   lse_M = jnp.where(any_source_M, jnp.log(safe_denominator_M) + max_M, -jnp.inf)
   weights_SxM = exp_SxM / safe_denominator_M
-  mixture_MxD = jnp.einsum(
-      "s...,s...d->...d", weights_SxM, sources_SxMxD, preferred_element_type=dtype,
-      precision=jax.lax.Precision.HIGHEST)
+  mixture_MxD = _contract("s...,s...d->...d", weights_SxM[..., None] if fused else weights_SxM, sources_SxMxD,
+                         dtype=dtype, fused=fused, axis=0)
   return mixture_MxD, lse_M, weights_SxM
 
 

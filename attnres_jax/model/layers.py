@@ -10,6 +10,7 @@ from flax import nnx
 
 from attnres_jax import axes
 from attnres_jax.kernels.depth_attention_reference import compute_dtype
+from attnres_jax.model.attention_kernels import causal_attention
 from attnres_jax.model.kv_cache import CacheWrite
 from attnres_jax.sharding import constrain
 
@@ -56,10 +57,14 @@ def apply_rope(x_BxTxNxH: Array, rope: tuple[Array, Array]) -> Array:
 
 
 class Attention(nnx.Module):
-  """Causal multi-head self-attention with RoPE and optional grouped KV heads."""
+  """Causal multi-head self-attention with RoPE and optional grouped KV heads.
+
+  `attention_impl` (`attention_kernels.IMPLS`) computes attention without a
+  cache; with one it is always `jax.nn.dot_product_attention` under the mask.
+  """
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *, init_std: float,
-               out_std: float, dtype, param_dtype, rngs: nnx.Rngs):
+               out_std: float, dtype, param_dtype, rngs: nnx.Rngs, attention_impl: str = "xla"):
     self.query = normal_param(rngs, (d_model, num_heads, head_dim), init_std,
                               (axes.EMBED, axes.HEADS, axes.HEAD_DIM), param_dtype)
     self.key = normal_param(rngs, (d_model, num_kv_heads, head_dim), init_std,
@@ -69,6 +74,7 @@ class Attention(nnx.Module):
     self.out = normal_param(rngs, (num_heads, head_dim, d_model), out_std,
                             (axes.HEADS, axes.HEAD_DIM, axes.EMBED), param_dtype)
     self.dtype = dtype
+    self.attention_impl = attention_impl
 
   def __call__(self, x_BxTxD: Array, rope: tuple[Array, Array], cache: tuple[Array, Array] | None = None,
                plan: CacheWrite | None = None) -> tuple[Array, tuple[Array, Array]]:
@@ -84,7 +90,7 @@ class Attention(nnx.Module):
     k_BxTxKxH = apply_rope(project(self.key), rope)
     v_BxTxKxH = project(self.value)
     if cache is None:
-      o_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True)
+      o_BxTxNxH = causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, impl=self.attention_impl)
     else:
       keys_BxWxKxH, values_BxWxKxH = (c.at[:, plan.slots_T].set(new.astype(c.dtype))
                                       for c, new in zip(cache, (k_BxTxKxH, v_BxTxKxH)))

@@ -45,7 +45,8 @@ class TransformerLayer(nnx.Module):
     out_std = config.init_std / (2 * config.num_layers) ** 0.5
     dims = dict(init_std=config.init_std, out_std=out_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.attention_norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=param_dtype)
-    self.attention = Attention(config.d_model, config.num_heads, config.num_kv_heads, head_dim(config), **dims)
+    self.attention = Attention(config.d_model, config.num_heads, config.num_kv_heads, head_dim(config),
+                               attention_impl=config.attention_impl, **dims)
     self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=param_dtype)
     self.mlp = SwiGLU(config.d_model, config.d_ff, **dims)
 
@@ -138,6 +139,7 @@ class Transformer(nnx.Module):
     self.remat = config.remat
     self.depth_attention_impl = config.depth_attention_impl
     self.two_phase = config.two_phase
+    self.unroll_layers = config.unroll_layers
     self.mixing_rule = MixingRule(key_norm=config.depth_key_norm, normalization=config.depth_normalization,
                                   num_heads=config.depth_heads, window=config.depth_window,
                                   logits=config.depth_logits, query_projection=config.depth_query_projection)
@@ -178,8 +180,22 @@ class Transformer(nnx.Module):
     token-averaged `depth_weights` `[L, N + 1]` over (b_0..b_{N-1}, partial)
     and `output_depth_weights` `[N + 1]`.
     """
-    logits_BxTxV, stats, _ = self._forward(tokens_BxT, jnp.arange(tokens_BxT.shape[1]), None, None, return_stats)
+    h_BxTxD, stats = self.hidden(tokens_BxT, return_stats=True)
+    logits_BxTxV = self.logits(h_BxTxD)
     return (logits_BxTxV, stats) if return_stats else logits_BxTxV
+
+  def hidden(self, tokens_BxT: Array, *, return_stats: bool = False):
+    """The final-normed hidden states `[B, T, d]` that the LM head reads (the chunked loss's input);
+    with `return_stats`, also the statistics of `__call__`."""
+    h_BxTxD, stats, _ = self._forward(tokens_BxT, jnp.arange(tokens_BxT.shape[1]), None, None, return_stats)
+    return (h_BxTxD, stats) if return_stats else h_BxTxD
+
+  def logits(self, h_BxTxD: Array) -> Array:
+    """LM-head logits `[B, T, vocab]` of final-normed hidden states, in float32 (or wider)."""
+    head_DxV = self.embedding[...].T if self.head is None else self.head[...]
+    logits_BxTxV = jnp.einsum("btd,dv->btv", h_BxTxD, head_DxV.astype(self.dtype),
+                              preferred_element_type=jnp.promote_types(self.dtype, jnp.float32))
+    return constrain(logits_BxTxV, (axes.BATCH, axes.ACTIVATION_LENGTH, axes.ACTIVATION_VOCAB))
 
   def empty_cache(self, batch: int, window: int) -> KVCache:
     """A KV cache for `batch` sequences attending to their last `window` positions (`kv_cache.py`)."""
@@ -195,11 +211,12 @@ class Transformer(nnx.Module):
     """
     positions_T, plan, positions_W = plan_write(cache, tokens_BxT.shape[1])
     layer_cache = (cache.key_LxBxWxKxH, cache.value_LxBxWxKxH)
-    logits_BxTxV, _, new_keys_values = self._forward(tokens_BxT, positions_T, layer_cache, plan, False)
-    return logits_BxTxV, write(cache, plan, positions_W, *new_keys_values)
+    h_BxTxD, _, new_keys_values = self._forward(tokens_BxT, positions_T, layer_cache, plan, False)
+    return self.logits(h_BxTxD), write(cache, plan, positions_W, *new_keys_values)
 
   def _forward(self, tokens_BxT, positions_T, layer_cache, plan, return_stats):
-    """Logits, statistics and the attention sublayers' new keys and values `[L_b, B, T, K, H]` (or None)."""
+    """Final-normed hidden states, statistics and the attention sublayers' new keys and values
+    `[L_b, B, T, K, H]` (or None)."""
     x_BxTxD = constrain(jnp.take(self.embedding[...], tokens_BxT, axis=0).astype(self.dtype), TOKEN_ACTIVATIONS)
     consts = (rope_tables(positions_T, self.head_dim, self.rope_theta), plan)
     graphdef, layer_params = nnx.split(self.layers)
@@ -208,20 +225,17 @@ class Transformer(nnx.Module):
     if self.depth is None:
       h_BxTxD, stats, auxes = stream_loop(
           sublayers, layer_inputs, consts, x_BxTxD, remat=self.remat, collect_stats=return_stats,
+          unroll=self.unroll_layers,
           mixing=self.stream_mixing, hyper_params=None if self.hyper is None else self.hyper.params(),
           eps=self.norm_eps)
     else:
       _, output_gain = self.depth.gains()
       state, stats, auxes = attnres_loop(
           sublayers, self.schedule(), self.remat, self.norm_eps, self.depth_attention_impl, self.mixing_rule,
-          self.two_phase, return_stats, layer_inputs, self.depth.sublayer_params(), x_BxTxD, consts)
+          self.two_phase, return_stats, layer_inputs, self.depth.sublayer_params(), x_BxTxD, consts,
+          unroll=self.unroll_layers)
       h_BxTxD, output_weights = output_mix(state, self.depth.output_query[...], output_gain, self.norm_eps,
                                            self.depth_attention_impl, self.mixing_rule, with_weights=return_stats)
       if return_stats:
         stats["output_depth_weights"] = output_weights
-    h_BxTxD = self.final_norm(h_BxTxD)
-    head_DxV = self.embedding[...].T if self.head is None else self.head[...]
-    logits_BxTxV = jnp.einsum("btd,dv->btv", h_BxTxD, head_DxV.astype(self.dtype),
-                              preferred_element_type=jnp.promote_types(self.dtype, jnp.float32))
-    logits_BxTxV = constrain(logits_BxTxV, (axes.BATCH, axes.ACTIVATION_LENGTH, axes.ACTIVATION_VOCAB))
-    return logits_BxTxV, stats, auxes[0]
+    return self.final_norm(h_BxTxD), stats, auxes[0]

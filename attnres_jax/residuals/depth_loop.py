@@ -23,7 +23,11 @@ the loop-invariant final buffer; a replay that wrote the seal into it would copy
 the buffer every step (measured at 32 sublayers, BTd = 1 MiB: temp memory 1.55x
 -> 1.25x the baseline for Block N=8, 3.7x -> 2.1x for Full). The forward seal
 writes slot `l // S` of its own carry in place (a non-sealing sublayer rewrites
-the slot's value).
+the slot's value), and no forward mix reads a buffer its step has written: the
+sublayers of a layer mix the buffer the layer entered with, and a slot sealed
+earlier in the layer is merged from its value (`Seal`). A mix of the freshly
+sealed buffer makes XLA copy it (Full at 32 sublayers: 2.83x -> 2.00x PreNorm's
+temp memory, docs/method.md §7).
 
 Two-phase (`two_phase=True`, docs/method.md §6): the forward seals first and, at
 each block start, answers all `S` queries of the block against the sealed
@@ -104,42 +108,71 @@ def _slot_attention(queries_QxD: Array, gains_QxD: Array, sources_NxBxTxD: Array
   return map_batch_shards(attend_slots, (sources_NxBxTxD,), (1,), (queries_QxD, gains_QxD, num_visible), (1, 1))
 
 
+class Seal(NamedTuple):
+  """A slot sealed by an earlier sublayer of the same layer: mixed from its value, not from the buffer."""
+
+  value_BxTxD: Array  # the partial sum it seals
+  sealed: Array  # bool: whether that sublayer started a block (else nothing was sealed)
+  slot: Array
+
+
+def _merge(mixture_BxTxD: Array, lse_BxT: Array, query_gain_D: Array, source_BxTxD: Array, *,
+           eps: float) -> tuple[Array, Array]:
+  """One more source merged into a softmax by log-sum-exp (docs/method.md §6): the mixture and the new lse."""
+  logit_BxT = jnp.einsum("...d,d->...", source_BxTxD, query_gain_D, precision=jax.lax.Precision.HIGHEST,
+                         preferred_element_type=query_gain_D.dtype) * inverse_rms(source_BxTxD, eps)
+  merged_BxTxD, _ = merge_source(mixture_BxTxD, lse_BxT, source_BxTxD, logit_BxT)
+  return merged_BxTxD, jnp.logaddexp(lse_BxT, logit_BxT)
+
+
 def merge_partial(mixture_BxTxD: Array, lse_BxT: Array, query_D: Array, gain_D: Array, partial_BxTxD: Array, *,
-                  eps: float) -> Array:
-  """Phase 2 (docs/method.md §6): the partial sum merged into the slots' softmax by log-sum-exp."""
+                  eps: float, pending: tuple[Seal, ...] = ()) -> Array:
+  """Phase 2 (docs/method.md §6): the pending seals, then the partial sum, merged into the slots' softmax."""
   query_gain_D = fold_gains(query_D[None], gain_D[None], partial_BxTxD.dtype)[0]
-  logit_BxT = jnp.einsum("...d,d->...", partial_BxTxD, query_gain_D, precision=jax.lax.Precision.HIGHEST,
-                         preferred_element_type=query_gain_D.dtype) * inverse_rms(partial_BxTxD, eps)
-  h_BxTxD, _ = merge_source(mixture_BxTxD.astype(query_gain_D.dtype), lse_BxT, partial_BxTxD, logit_BxT)
+  mixture_BxTxD = mixture_BxTxD.astype(query_gain_D.dtype)
+  for value_BxTxD, sealed, _ in pending:
+    merged = _merge(mixture_BxTxD, lse_BxT, query_gain_D, value_BxTxD, eps=eps)
+    mixture_BxTxD, lse_BxT = (jnp.where(sealed, new, old) for new, old in zip(merged, (mixture_BxTxD, lse_BxT)))
+  h_BxTxD, _ = _merge(mixture_BxTxD, lse_BxT, query_gain_D, partial_BxTxD, eps=eps)
   return h_BxTxD.astype(partial_BxTxD.dtype)
 
 
 def _rule_inputs(query, gain, sources_NxBxTxD, num_visible, partial_BxTxD, partial_visible, rule,
-                 partial_column=None):
+                 partial_column=None, pending=()):
   """(slots + partial `[N + 1, B, T, d]`, their visibility `[N + 1]`, the gain-folded query) of a mixing rule.
 
   Learned logits are indexed by slot, the open partial sum by column `N`; a
   partial about to be sealed into slot `partial_column` takes that slot's logit.
+  Pending seals are written into the concatenated copy, never into the buffer.
   """
   if rule.logits == "learned" and partial_column is not None:
     query = query.at[-1].set(query[partial_column])
   sources_SxBxTxD = jnp.concatenate([sources_NxBxTxD, partial_BxTxD[None]])
+  for value_BxTxD, sealed, slot in pending:
+    slot_value = jax.lax.dynamic_index_in_dim(sources_SxBxTxD, slot, keepdims=False)
+    sources_SxBxTxD = jax.lax.dynamic_update_index_in_dim(
+        sources_SxBxTxD, jnp.where(sealed, value_BxTxD, slot_value), slot, 0)
   visible_S = visible_sources(rule, sources_NxBxTxD.shape[0], num_visible, partial_visible)
   return sources_SxBxTxD, visible_S, fold_gains(query, gain, partial_BxTxD.dtype)
 
 
-def _mix(query, gain_D, sources_NxBxTxD, num_visible, partial_BxTxD, *, eps, impl, rule, partial_column=None):
-  """Softmax of one query over the visible sealed slots and the partial sum (docs/method.md §2, §6).
+def _mix(query, gain_D, sources_NxBxTxD, num_visible, partial_BxTxD, *, eps, impl, rule, partial_column=None,
+         pending=()):
+  """Softmax of one query over the visible slots and the partial sum (docs/method.md §2, §6).
 
-  An ablation `rule` (`mixing_rules.py`) mixes the same sources in jnp instead;
-  its `query` may be per token (`[B, T, d]`) or learned logits (`[N + 1]`).
+  Visible slots are the buffer's and the `pending` seals, which are the newest
+  of them. An ablation `rule` (`mixing_rules.py`) mixes the same sources in jnp
+  instead; its `query` may be per token (`[B, T, d]`) or learned logits
+  (`[N + 1]`).
   """
   if not rule.is_default:
-    inputs = _rule_inputs(query, gain_D, sources_NxBxTxD, num_visible, partial_BxTxD, True, rule, partial_column)
+    inputs = _rule_inputs(query, gain_D, sources_NxBxTxD, num_visible, partial_BxTxD, True, rule, partial_column,
+                          pending)
     return mix_sources(rule, *inputs, eps)
-  mixtures_1xBxTxD, lse_1xBxT = _slot_attention(query[None], gain_D[None], sources_NxBxTxD, num_visible,
+  num_written = num_visible - sum(jnp.asarray(seal.sealed, jnp.int32) for seal in pending)
+  mixtures_1xBxTxD, lse_1xBxT = _slot_attention(query[None], gain_D[None], sources_NxBxTxD, num_written,
                                                 eps=eps, impl=impl)
-  return merge_partial(mixtures_1xBxTxD[0], lse_1xBxT[0], query, gain_D, partial_BxTxD, eps=eps)
+  return merge_partial(mixtures_1xBxTxD[0], lse_1xBxT[0], query, gain_D, partial_BxTxD, eps=eps, pending=pending)
 
 
 def depth_weights(query: Array, gain_D: Array, state: DepthState, num_visible: Array, partial_visible: Array, *,
@@ -155,16 +188,19 @@ def depth_weights(query: Array, gain_D: Array, state: DepthState, num_visible: A
 
 
 def sublayer_input(query: Array, gain_D: Array, sources_NxBxTxD: Array, partial_BxTxD: Array, *,
-                   starts_block: Array, slot: Array, eps: float, impl: str, rule: MixingRule) -> Array:
+                   starts_block: Array, slot: Array, eps: float, impl: str, rule: MixingRule,
+                   pending: tuple[Seal, ...] = ()) -> Array:
   """`h = mix(blocks + [partial])` before sublayer `l` (docs/method.md §4), before any seal.
 
   The buffer is only read: the sublayer sees the slots sealed before it
   (`0..slot-1` if it starts block `slot`, else `0..slot`) and the partial sum,
-  which at a block start is the block being sealed.
+  which at a block start is the block being sealed. Of those slots, the ones
+  sealed by earlier sublayers of the same layer may be `pending` instead of in
+  the buffer (docs/method.md §7: the forward reads the buffer the layer entered with).
   """
   num_slots = sources_NxBxTxD.shape[0]
   return _mix(query, gain_D, sources_NxBxTxD, jnp.where(starts_block, slot, slot + 1), partial_BxTxD, eps=eps,
-              impl=impl, rule=rule, partial_column=jnp.where(starts_block, slot, num_slots))
+              impl=impl, rule=rule, partial_column=jnp.where(starts_block, slot, num_slots), pending=pending)
 
 
 def seal(state: DepthState, *, starts_block: Array, slot: Array) -> DepthState:
@@ -245,7 +281,7 @@ def _flat_padded(per_layer_LxKxD: Array, block_size: int) -> Array:
   return jnp.pad(flat_LxD, ((0, block_size - 1), (0, 0)), constant_values=1)
 
 
-def _forward(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, save_residuals,
+def _forward(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, unroll, save_residuals,
              layer_params, depth_LxK, embedding_BxTxD, consts):
   keep_sublayer_vjps = save_residuals and remat != "full"
   num_saved = schedule.num_saved_partials if save_residuals else 0
@@ -267,6 +303,7 @@ def _forward(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_sta
       kept = jnp.where(saved_index >= 0, state.partial_BxTxD, saved_PxBxTxD[index])
       saved_PxBxTxD = jax.lax.dynamic_update_index_in_dim(saved_PxBxTxD, kept, index, 0)
     sublayer_vjps, outputs, stats, auxes = [], [], [], []
+    entry_sources_NxBxTxD, pending = state.sources_NxBxTxD, ()
     for k, sublayer in enumerate(sublayers):
       where = dict(starts_block=starts_block_K[k], slot=slot_K[k])
       depth = jax.tree.map(lambda x: x[k], depth_K)
@@ -277,7 +314,9 @@ def _forward(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_sta
             phase1, query, depth.gain, state, all_queries_LxD=all_queries_LxD,
             all_gains_LxD=all_gains_LxD, position=position_K[k], block_size=block_size, eps=eps, impl=impl, **where)
       else:
-        h_BxTxD = sublayer_input(query, depth.gain, *state, eps=eps, impl=impl, rule=rule, **where)
+        h_BxTxD = sublayer_input(query, depth.gain, entry_sources_NxBxTxD, state.partial_BxTxD, eps=eps, impl=impl,
+                                 rule=rule, pending=pending, **where)
+        pending += (Seal(state.partial_BxTxD, starts_block_K[k], slot_K[k]),)
         state = seal(state, **where)
       if keep_sublayer_vjps:
         out_BxTxD, sublayer_vjp, aux = jax.vjp(checkpointed(sublayer, remat), params, consts, h_BxTxD,
@@ -296,7 +335,7 @@ def _forward(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_sta
 
   xs = (layer_params, depth_LxK) + _schedule_inputs(schedule)
   (state, _, saved_PxBxTxD), (sublayer_vjps, outputs, stats, auxes) = jax.lax.scan(
-      layer, (state, phase1, saved_PxBxTxD), xs)
+      layer, (state, phase1, saved_PxBxTxD), xs, unroll=unroll)
   stats = _flatten_stats(stats) if collect_stats else {}
   return state, stats, auxes, (saved_PxBxTxD, sublayer_vjps, outputs)
 
@@ -307,7 +346,6 @@ def _flatten_stats(stats) -> dict[str, Array]:
           "depth_weights": stack_sublayers(weights)}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5, 6, 7))
 def attnres_loop(
     sublayers: tuple[SublayerFn, ...],
     schedule: BlockSchedule,
@@ -321,6 +359,8 @@ def attnres_loop(
     depth_LxK: DepthParams,
     embedding_BxTxD: Array,
     consts: PyTree,
+    *,
+    unroll: bool = False,
 ) -> tuple[DepthState, dict[str, Array], tuple[PyTree, ...]]:
   """Runs all sublayers with Block AttnRes mixing; returns the final state, statistics and auxiliary outputs.
 
@@ -332,17 +372,25 @@ def attnres_loop(
   The statistics (if `collect_stats`: `input_rms`, `output_rms` `[L]` and the
   token-averaged `depth_weights` `[L, N + 1]`) and the sublayers' auxiliary
   outputs (stacked `[num_layers, ...]`, one entry per sublayer kind, e.g. new
-  keys and values) carry no gradient.
+  keys and values) carry no gradient. `unroll` unrolls the layer scans, forward
+  and backward (the TPU compiler's cost analysis counts a scan body once).
   """
-  state, stats, auxes, _ = _forward(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, False,
-                                    layer_params, depth_LxK, embedding_BxTxD, consts)
+  return _attnres_loop(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, unroll,
+                       layer_params, depth_LxK, embedding_BxTxD, consts)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5, 6, 7, 8))
+def _attnres_loop(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, unroll,
+                  layer_params, depth_LxK, embedding_BxTxD, consts):
+  state, stats, auxes, _ = _forward(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, unroll,
+                                    False, layer_params, depth_LxK, embedding_BxTxD, consts)
   return state, stats, auxes
 
 
-def _attnres_loop_fwd(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats,
+def _attnres_loop_fwd(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, unroll,
                       layer_params, depth_LxK, embedding_BxTxD, consts):
-  state, stats, auxes, saved = _forward(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, True,
-                                        layer_params, depth_LxK, embedding_BxTxD, consts)
+  state, stats, auxes, saved = _forward(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats,
+                                        unroll, True, layer_params, depth_LxK, embedding_BxTxD, consts)
   return (state, stats, auxes), (layer_params, depth_LxK, consts, state, saved)
 
 
@@ -358,7 +406,8 @@ def _replay_sublayer_input(depth, sources_NxBxTxD, partial_BxTxD, *, starts_bloc
   return h_BxTxD, partial_after_BxTxD, partial_BxTxD
 
 
-def _attnres_loop_bwd(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, residuals, cotangents):
+def _attnres_loop_bwd(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, unroll, residuals,
+                      cotangents):
   del two_phase  # the backward replays each sublayer's direct mix against the final buffer
   layer_params, depth_LxK, consts, final, saved = residuals
   saved_PxBxTxD, sublayer_vjps, outputs = saved
@@ -400,8 +449,9 @@ def _attnres_loop_bwd(sublayers, schedule, remat, eps, impl, rule, two_phase, co
 
   xs = (layer_params, depth_LxK) + _schedule_inputs(schedule) + (sublayer_vjps, outputs)
   init = (ct_final, jax.tree.map(jnp.zeros_like, consts))
-  (ct_state, ct_consts), (ct_params, ct_depth) = jax.lax.scan(layer_backward, init, xs, reverse=True)
+  (ct_state, ct_consts), (ct_params, ct_depth) = jax.lax.scan(layer_backward, init, xs, reverse=True,
+                                                              unroll=unroll)
   return ct_params, ct_depth, ct_state.partial_BxTxD, ct_consts
 
 
-attnres_loop.defvjp(_attnres_loop_fwd, _attnres_loop_bwd)
+_attnres_loop.defvjp(_attnres_loop_fwd, _attnres_loop_bwd)

@@ -20,11 +20,13 @@ def stream_loop(
     mixing: StreamMixing | None = None,
     hyper_params: HyperParams | None = None,
     eps: float = 1e-6,
+    unroll: bool = False,
 ) -> tuple[Array, dict[str, Array], tuple[PyTree, ...]]:
   """Runs every layer's sublayers on one residual stream, or on `mixing.streams` hyper-connected ones.
 
   `hyper_params` are mHC's parameters stacked `[L_b, K, ...]` (with `mixing`;
-  `eps` is its stream norm's). Returns the final stream (mHC: the streams'
+  `eps` is its stream norm's); `unroll` unrolls the layer scan (for the TPU
+  compiler's cost analysis, which counts a scan body once). Returns the final stream (mHC: the streams'
   mean), if `collect_stats` the RMS of every sublayer's input and output
   (`input_rms`, `output_rms`, each `[L]` in sublayer order), and the
   sublayers' auxiliary outputs stacked over layers.
@@ -48,7 +50,7 @@ def stream_loop(
 
   x = (embedding_BxTxD if mixing is None
        else jnp.broadcast_to(embedding_BxTxD, (mixing.streams,) + embedding_BxTxD.shape))
-  x, (stats, auxes) = jax.lax.scan(checkpointed(layer, remat), x, (layer_params, hyper_params))
+  x, (stats, auxes) = jax.lax.scan(checkpointed(layer, remat), x, (layer_params, hyper_params), unroll=unroll)
   h_BxTxD = x if mixing is None else jnp.mean(x, axis=0)
   if not collect_stats:
     return h_BxTxD, {}, auxes

@@ -1,4 +1,4 @@
-"""Training FLOPs per token (matmuls, attention, depth mixing) and device peaks, for MFU."""
+"""Training FLOPs per token (matmuls, attention, depth mixing), device peaks for MFU, and device memory."""
 
 import jax
 import ml_collections
@@ -15,6 +15,10 @@ PEAK_FLOPS = {
     "bfloat16": {**_TPU_BF16, "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12},
     "float32": {**_TPU_BF16, "H200": 495e12, "H100": 495e12, "A100": 156e12, "L40S": 183e12, "L4": 60e12},
 }
+
+# HBM bytes per chip by `device_kind` (v5p: what the TPU compiler reports; others: data sheets).
+HBM_BYTES = {"TPU v4": 32 * 2**30, "TPU v5 lite": 16 * 2**30, "TPU v5e": 16 * 2**30, "TPU v5p": 95.74e9,
+             "TPU v5": 95.74e9, "TPU v6 lite": 32 * 2**30, "H200": 141e9, "H100": 80 * 2**30, "A100": 80 * 2**30}
 
 
 def forward_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> dict[str, float]:
@@ -52,6 +56,15 @@ def train_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> flo
 
 def peak_flops_per_device(device: jax.Device, dtype: str) -> float | None:
   """The device's dense matmul peak for compute `dtype`, or None where it is not known (CPUs, float64)."""
-  peaks = PEAK_FLOPS.get(dtype, {})
-  matches = [kind for kind in peaks if kind in device.device_kind]
-  return peaks[max(matches, key=len)] if matches else None
+  return _by_device_kind(PEAK_FLOPS.get(dtype, {}), device)
+
+
+def hbm_bytes_per_device(device: jax.Device) -> float | None:
+  """The device's HBM in bytes, or None where it is not known."""
+  return _by_device_kind(HBM_BYTES, device)
+
+
+def _by_device_kind(table: dict[str, float], device: jax.Device) -> float | None:
+  """The entry of the longest key that is a substring of `device.device_kind`."""
+  matches = [kind for kind in table if kind in device.device_kind]
+  return table[max(matches, key=len)] if matches else None

@@ -13,12 +13,13 @@ from jax.experimental import multihost_utils
 from attnres_jax import data
 from attnres_jax.config_checks import check_run_config
 from attnres_jax.files import write_json_atomically
-from attnres_jax.sharding import activate, batch_sharding, check_mesh_fits, make_mesh
+from attnres_jax.sharding import activate, batch_sharding, check_mesh_fits, make_mesh, replication_warnings
 from attnres_jax.train.checkpoint import Checkpointer
 from attnres_jax.train.dynamics import DynamicsLog, make_dynamics_step
 from attnres_jax.train.flops import peak_flops_per_device, train_flops_per_token
 from attnres_jax.train.metrics import MetricsWriter
 from attnres_jax.train.optim import learning_rate_schedule, make_optimizer
+from attnres_jax.train.profiling import StepProfiler
 from attnres_jax.train.resume import check_resume
 from attnres_jax.train.state import abstract_train_state, create_train_state, state_shardings
 from attnres_jax.train.steps import make_eval_step, make_train_step
@@ -52,11 +53,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   check_run_config(config, jax.process_count(), jax.default_backend())
   mesh = make_mesh(config.mesh)
   check_mesh_fits(config, mesh)
-  with activate(mesh, config.mesh.rules):
-    return _train_and_evaluate(config, workdir, mesh)
+  with activate(mesh, config.mesh.rules), StepProfiler(config.train.profile_steps, workdir) as profiler:
+    return _train_and_evaluate(config, workdir, mesh, profiler)
 
 
-def _train_and_evaluate(config, workdir, mesh) -> dict[str, float]:
+def _train_and_evaluate(config, workdir, mesh, profiler) -> dict[str, float]:
   process_index, process_count = jax.process_index(), jax.process_count()
   is_main = process_index == 0
   if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -99,13 +100,18 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, float]:
           f"{' (resumed)' if start_step else ''}; mesh {dict(mesh.shape)} of {jax.devices()[0].platform} "
           f"devices over {process_count} process(es); "
           f"writing to {os.path.abspath(workdir)}", flush=True)
+    for warning in replication_warnings(abstract_state.params):
+      print(f"[{run_name}] {warning}", flush=True)
 
-  train_step = make_train_step(graphdef, tx, config.optim.grad_accum_steps, state_shardings(state))
-  eval_step = make_eval_step(graphdef)
+  chunk = config.train.loss_chunk_size
+  train_step = make_train_step(graphdef, tx, config.optim.grad_accum_steps, state_shardings(state),
+                               loss_chunk_size=chunk, unroll=config.model.unroll_layers)
+  eval_step = make_eval_step(graphdef, loss_chunk_size=chunk)
   schedule = learning_rate_schedule(config.optim, num_steps)
   writer = MetricsWriter(workdir, run_name=run_name, num_steps=num_steps, start_step=start_step, is_main=is_main)
   dynamics_every = config.train.dynamics_every
-  dynamics_step = make_dynamics_step(graphdef, config.optim.grad_accum_steps) if dynamics_every else None
+  dynamics_step = (make_dynamics_step(graphdef, config.optim.grad_accum_steps, loss_chunk_size=chunk)
+                   if dynamics_every else None)
   dynamics_log = DynamicsLog(workdir, writer.tensorboard if is_main else None, is_main=is_main and dynamics_every > 0)
   final = {}
   pending = None  # (step, metrics, dynamics or None) not read yet: read after the next step is dispatched
@@ -142,10 +148,12 @@ def _train_and_evaluate(config, workdir, mesh) -> dict[str, float]:
       writer.show(step, summary)
 
   for step in range(start_step + 1, num_steps + 1):
+    profiler.before_step(step)
     batch = to_global(next(train_iterator))
     # Dynamics of the parameters this step updates, dispatched before the step (which donates them).
     dynamics = dynamics_step(state.params, batch) if dynamics_every and step % dynamics_every == 0 else None
     state, metrics = train_step(state, batch)
+    profiler.after_step(step, (state, metrics))
     checkpointer.seal_finished()
     settle()
     pending = (step, metrics, dynamics)

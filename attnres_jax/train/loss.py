@@ -1,4 +1,11 @@
-"""Next-token cross-entropy of a language model."""
+"""Next-token cross-entropy of a language model, whole or in chunks of positions.
+
+The chunked loss (docs/method.md §13) never holds the float32 logits
+`[B, T, V]`: a scan over chunks of `chunk_size` positions of every sequence
+builds one chunk's logits `[B, c, V]`, takes its summed cross-entropy and drops
+them; the backward pass recomputes them chunk by chunk (`jax.checkpoint`). At
+the paper's sizes the whole logits of one chip's batch are 40 GiB.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +19,32 @@ def cross_entropy(logits_BxTxV: Array, targets_BxT: Array) -> Array:
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT))
 
 
-def next_token_loss(model, tokens_BxT1: Array) -> Array:
-  """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1]."""
-  return cross_entropy(model(tokens_BxT1[:, :-1]), tokens_BxT1[:, 1:])
+def next_token_loss(model, tokens_BxT1: Array, chunk_size: int = 0) -> Array:
+  """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1] (`chunk_size`: `lm_head_loss`'s)."""
+  return lm_head_loss(model, model.hidden(tokens_BxT1[:, :-1]), tokens_BxT1[:, 1:], chunk_size)
+
+
+def lm_head_loss(model, hidden_BxTxD: Array, targets_BxT: Array, chunk_size: int = 0) -> Array:
+  """Mean cross-entropy of the targets under `model.logits` of final-normed hidden states.
+
+  `chunk_size` > 0 takes the logits that many positions at a time (it must
+  divide the sequence length): the same loss and gradients, without the whole logits.
+  """
+  if not chunk_size:
+    return cross_entropy(model.logits(hidden_BxTxD), targets_BxT)
+  batch, length = targets_BxT.shape
+  if length % chunk_size:
+    raise ValueError(f"loss chunk size {chunk_size} must divide the sequence length {length}")
+  # Chunk c holds positions c*chunk .. (c+1)*chunk - 1 of every sequence, so the batch keeps its sharding.
+  split = lambda x: jnp.swapaxes(x.reshape((batch, length // chunk_size, chunk_size) + x.shape[2:]), 0, 1)
+
+  @jax.checkpoint
+  def chunk_loss(hidden_BxCxD: Array, targets_BxC: Array) -> Array:
+    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(model.logits(hidden_BxCxD), targets_BxC))
+
+  def add_chunk(total: Array, chunk: tuple[Array, Array]) -> tuple[Array, None]:
+    return total + chunk_loss(*chunk), None
+
+  zero = jnp.zeros((), jnp.promote_types(hidden_BxTxD.dtype, jnp.float32))
+  total, _ = jax.lax.scan(add_chunk, zero, (split(hidden_BxTxD), split(targets_BxT)), unroll=model.unroll_layers)
+  return total / (batch * length)

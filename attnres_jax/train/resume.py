@@ -6,8 +6,9 @@ the current one, field by field:
 - `SAFE_TO_CHANGE` fields never matter for the computation that resumes: the
   cadence of logs, evaluations and checkpoints, the mesh and device layout,
   the multi-host setup, and implementation choices with the same outputs and
-  gradients (rematerialisation, the depth-attention kernel, two-phase,
-  gradient accumulation). They go through; the run prints what changed.
+  gradients (rematerialisation, the attention and depth-attention kernels,
+  two-phase, gradient accumulation, unrolled loops, the loss chunk size,
+  profiling). They go through; the run prints what changed.
 - `train.num_steps` may change when the learning rate of every step already
   taken stays the same: extending a WSD run in its stable phase (or a run
   still in warmup). Extending a cosine run would bend the curve already
@@ -33,6 +34,7 @@ SAFE_TO_CHANGE = (
     "train.async_checkpointing", "train.dynamics_every", "train.seed", "train.resume_accept_changes",
     "data.cache_dir", "mesh", "distributed",
     "model.remat", "model.depth_attention_impl", "model.two_phase", "optim.grad_accum_steps",
+    "model.attention_impl", "model.unroll_layers", "train.loss_chunk_size", "train.profile_steps",
 )
 
 

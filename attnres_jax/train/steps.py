@@ -2,7 +2,6 @@
 
 from typing import Callable, NamedTuple
 
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -25,15 +24,18 @@ def init_train_state(params: nnx.State, tx: optax.GradientTransformation, seed: 
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, grad_accum_steps: int,
-                    state_sharding=None) -> Callable[[TrainState, Array], tuple[TrainState, dict[str, Array]]]:
+                    state_sharding=None, *, loss_chunk_size: int = 0, unroll: bool = False
+                    ) -> Callable[[TrainState, Array], tuple[TrainState, dict[str, Array]]]:
   """One optimiser step on a batch `[B, T + 1]`, averaging gradients over `grad_accum_steps` micro-batches.
 
   With `state_sharding` (a TrainState of shardings) the new state keeps the
   layout of the old one, so the donated buffers are reused step after step.
+  `loss_chunk_size` is `next_token_loss`'s; `unroll` unrolls the micro-batch
+  loop (the TPU compiler's cost analysis counts a loop body once).
   """
 
   def loss_fn(params, tokens_BxT1):
-    return next_token_loss(nnx.merge(graphdef, params), tokens_BxT1)
+    return next_token_loss(nnx.merge(graphdef, params), tokens_BxT1, loss_chunk_size)
 
   def train_step(state: TrainState, tokens_BxT1: Array):
     # Micro-batch a is rows a, a + A, ...: each one spans every device of the batch axes.
@@ -44,7 +46,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
       return jax.tree.map(jnp.add, grads, micro_grads), loss
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, losses_A = jax.lax.scan(accumulate, zeros, micro_batches_AxMxT1)
+    grads, losses_A = jax.lax.scan(accumulate, zeros, micro_batches_AxMxT1, unroll=unroll)
     grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -56,6 +58,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
   return jax.jit(train_step, donate_argnums=0, out_shardings=out_shardings)
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[nnx.State, Array], Array]:
-  """Mean next-token loss of one batch `[B, T + 1]`."""
-  return jax.jit(lambda params, tokens_BxT1: next_token_loss(nnx.merge(graphdef, params), tokens_BxT1))
+def make_eval_step(graphdef: nnx.GraphDef, *, loss_chunk_size: int = 0) -> Callable[[nnx.State, Array], Array]:
+  """Mean next-token loss of one batch `[B, T + 1]` (`loss_chunk_size`: `next_token_loss`'s)."""
+  return jax.jit(lambda params, tokens_BxT1: next_token_loss(nnx.merge(graphdef, params), tokens_BxT1,
+                                                             loss_chunk_size))
