@@ -9,11 +9,11 @@ next-token loss satisfy
 - `temp_PreNorm`: the same model with a plain residual stream, compiled here
   (every sublayer's own activations, the saved layer inputs, the logits);
 - `N * B * T * d * 4`: one float32 source buffer `[N, B, T, d]`;
-- `SLOT_COPIES = 4` buffers: the final buffer kept for the backward, the
+- `SLOT_COPIES = 4.5` buffers: the final buffer kept for the backward, the
   buffer's cotangent carried by the reverse scan, and the two token-major
   copies XLA makes of a buffer for the weighted sum's dot (`[M, N, d]`, and
-  `[M, d, N]` for its transpose in the backward). Measured: 2.6 buffers for
-  Block, 3.1 for Full. A step that reads the buffer it has just written in place
+  `[M, d, N]` for its transpose in the backward), and half a buffer of slack.
+  Measured: 2.6 buffers for Block, 3.1 for Full (4.05 with jax 0.12). A step that reads the buffer it has just written in place
   makes XLA copy it again: Full, sealing before its second sublayer's mix,
   took 5.4.
 """
@@ -27,7 +27,7 @@ from attnres_jax.train.loss import next_token_loss
 from configs import base
 
 NUM_LAYERS, BATCH, LENGTH, WIDTH = 16, 1, 128, 128  # 32 sublayers
-SLOT_COPIES = 4
+SLOT_COPIES = 4.5
 
 
 def temp_bytes(**overrides) -> int:
