@@ -180,9 +180,10 @@ class Transformer(nnx.Module):
     token-averaged `depth_weights` `[L, N + 1]` over (b_0..b_{N-1}, partial)
     and `output_depth_weights` `[N + 1]`.
     """
+    if not return_stats:
+      return self.logits(self.hidden(tokens_BxT))
     h_BxTxD, stats = self.hidden(tokens_BxT, return_stats=True)
-    logits_BxTxV = self.logits(h_BxTxD)
-    return (logits_BxTxV, stats) if return_stats else logits_BxTxV
+    return self.logits(h_BxTxD), stats
 
   def hidden(self, tokens_BxT: Array, *, return_stats: bool = False):
     """The final-normed hidden states `[B, T, d]` that the LM head reads (the chunked loss's input);
