@@ -76,7 +76,7 @@ def check_model_config(model: Mapping[str, Any]) -> None:
 def _check_mixing_rule(model: Mapping[str, Any]) -> None:
   if model["depth_normalization"] not in NORMALIZATIONS:
     _fail("depth_normalization", model["depth_normalization"], f"must be one of {NORMALIZATIONS}")
-  _check_positive_ints("model", model, ("depth_heads",))
+  _check_positive_ints("model", model, ("depth_heads", "depth_scan_segments"))
   if model["d_model"] % model["depth_heads"]:
     _fail("depth_heads", model["depth_heads"], f"must divide d_model={model['d_model']}")
   if not isinstance(model["depth_window"], int) or model["depth_window"] < 0:

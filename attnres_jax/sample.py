@@ -38,7 +38,7 @@ flags.mark_flag_as_required("workdir")
 
 
 # Fields added to the config after workdirs were first written, and the value that reproduces those runs.
-ADDED_FIELDS = {"model": {"attention_impl": "xla", "unroll_layers": False},
+ADDED_FIELDS = {"model": {"attention_impl": "xla", "unroll_layers": False, "depth_scan_segments": 1},
                 "train": {"loss_chunk_size": 0, "profile_steps": ""}}
 
 

@@ -36,6 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
   # cudnn (GPU flash) | auto (splash on TPU, cudnn on GPU, xla on CPU); model/attention_kernels.py
   model.attention_impl = "xla"
   model.unroll_layers = False  # unroll every layer and loss-chunk loop (AOT cost estimates; compiles slowly)
+  # AttnRes: scan the layers in this many runs, each reading only the slots it can see (docs/method.md §7)
+  model.depth_scan_segments = 1
   # AttnRes: answer all queries of a block at its start, then merge each partial sum (docs/method.md §6)
   model.two_phase = False
   # Ablations of the depth-mixing rule (docs/method.md §8; residuals/mixing_rules.py); any change runs in jnp.

@@ -50,7 +50,8 @@ def get_config(size: str = "cpu-1"):
   config.train.update(dict(num_steps=steps, eval_every=steps, checkpoint_every=max(50, steps // 4),
                            dynamics_every=0))
   if size in PAPER:
-    config.model.update(dict(dtype="bfloat16", vocab_size=163_840, head_dim=128, attention_impl="auto"))
+    config.model.update(dict(dtype="bfloat16", vocab_size=163_840, head_dim=128, attention_impl="auto",
+                             depth_scan_segments=4))  # AttnRes reads ~2/3 of the buffer (docs/method.md §7)
     config.train.loss_chunk_size = 1024  # never the whole [B, 8192, 163840] float32 logits (docs/method.md §13)
     config.data.source = "token_files"  # the paper's tokenizer and corpus are the user's own
   return config

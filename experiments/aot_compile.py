@@ -12,6 +12,11 @@ arguments, temp and total memory against the chip's HBM; the compiler's FLOPs,
 bytes accessed and estimated step time (`optimal_seconds`); and the model-FLOP
 MFU that estimate implies; each as a ratio to PreNorm.
 
+The compiler costs a Pallas kernel by the bytes it moves only, so where token
+attention is the splash kernel its FLOPs (forward, the remat replay and the
+backward, as the model FLOPs count them) are added at the chip's peak: the
+`attention ms` column, a lower bound on the kernel's time.
+
 The compiler's cost analysis counts a loop body once, not once per iteration,
 so the costs come from a second compile with every layer, loss-chunk and
 micro-batch loop unrolled (`model.unroll_layers`); memory comes from the
@@ -31,8 +36,10 @@ from ml_collections import config_flags
 
 from attnres_jax import cli
 from attnres_jax.config_checks import DEPTH_DEFAULTS, check_run_config
+from attnres_jax.model.attention_kernels import auto_impl
 from attnres_jax.sharding import activate, batch_sharding, check_mesh_fits, make_mesh, replication_warnings
-from attnres_jax.train.flops import hbm_bytes_per_device, peak_flops_per_device, train_flops_per_token
+from attnres_jax.train.flops import (forward_flops_per_token, hbm_bytes_per_device, peak_flops_per_device,
+                                     train_flops_per_token)
 from attnres_jax.train.optim import make_optimizer
 from attnres_jax.train.state import abstract_train_state, state_shardings
 from attnres_jax.train.steps import make_train_step
@@ -114,18 +121,33 @@ def measure(config: ml_collections.ConfigDict, devices: list[jax.Device], *, cos
   return dataclasses.replace(unrolled, arguments=scanned.arguments, temp=scanned.temp, total=scanned.total)
 
 
+def kernel_attention_seconds(config: ml_collections.ConfigDict, mesh, peak: float | None) -> float:
+  """Seconds per step of token attention at the chip's peak where it runs as a Pallas kernel (which the
+  compiler costs by its bytes only), else 0 (XLA attention is in the compiler's estimate)."""
+  impl = config.model.attention_impl
+  with activate(mesh, config.mesh.rules):
+    impl = auto_impl(config.data.seq_len, config.model.dtype) if impl == "auto" else impl
+  if impl != "splash" or peak is None:
+    return 0.0
+  passes = 3 + (config.model.remat != "none")  # forward, backward (2x), the remat replay of the forward
+  per_token = passes * forward_flops_per_token(config.model, config.data.seq_len)["attention"]
+  return per_token * config.data.global_batch_size * config.data.seq_len / mesh.size / peak
+
+
 def format_row(variant: str, config, result: Compiled, baseline: Compiled, *, hbm: float | None,
-               model_flops_per_chip: float, peak: float | None) -> str:
-  """One markdown row of the table `main` prints."""
+               model_flops_per_chip: float, peak: float | None, attention_seconds: float) -> str:
+  """One markdown row of the table `main` prints; the estimated step is the compiler's plus the kernel
+  attention's `attention_seconds` (the same for every variant)."""
   ratio = lambda a, b: "-" if a is None or not b else f"{a / b:.3f}"
   number = lambda x, scale, fmt: "-" if x is None else format(x / scale, fmt)
-  mfu = "-" if result.seconds is None or peak is None else f"{model_flops_per_chip / result.seconds / peak:.1%}"
+  step, base_step = (None if r.seconds is None else r.seconds + attention_seconds for r in (result, baseline))
+  mfu = "-" if step is None or peak is None else f"{model_flops_per_chip / step / peak:.1%}"
   share = "-" if hbm is None else f"{result.total / hbm:.0%}"
   return (f"| {variant} | {block_size_label(config.model)} | {result.arguments / GiB:.2f} | {result.temp / GiB:.2f} "
           f"| {result.total / GiB:.2f} | {share} | {ratio(result.temp, baseline.temp)} "
           f"| {number(result.flops, 1e12, '.4g')} | {ratio(result.flops, baseline.flops)} "
-          f"| {number(result.bytes_accessed, 1e9, '.4g')} | {number(result.seconds, 1e-3, '.4g')} "
-          f"| {ratio(result.seconds, baseline.seconds)} | {mfu} |")
+          f"| {number(result.bytes_accessed, 1e9, '.4g')} | {attention_seconds * 1e3:.4g} "
+          f"| {number(step, 1e-3, '.4g')} | {ratio(step, base_step)} | {mfu} |")
 
 
 def main(argv):
@@ -154,14 +176,15 @@ def main(argv):
   for warning in replication_warnings(state.params):
     print(f"# {warning}")
   print_header("| residual | S | arguments GiB | temp GiB | total GiB | of HBM | x base temp | TFLOP | x base "
-               "| GB accessed | est. step ms | x base | est. MFU |")
+               "| GB accessed | attention ms | est. step ms | x base | est. MFU |")
+  attention_seconds = kernel_attention_seconds(base, mesh, peak)
   baseline = None
   for variant, config in configs.items():
     result = measure(config, devices, costs=_COSTS.value)
     baseline = baseline or result
     model_flops = train_flops_per_token(config.model, config.data.seq_len) * tokens / len(devices)
-    print(format_row(variant, config, result, baseline, hbm=hbm, model_flops_per_chip=model_flops, peak=peak),
-          flush=True)
+    print(format_row(variant, config, result, baseline, hbm=hbm, model_flops_per_chip=model_flops, peak=peak,
+                     attention_seconds=attention_seconds), flush=True)
 
 
 if __name__ == "__main__":

@@ -53,10 +53,12 @@ def _tanh_sublayer(k):
   return lambda weights_KxDxD, consts, h_BxTxD: (jnp.tanh(h_BxTxD @ weights_KxDxD[k]), None)
 
 
-@pytest.mark.parametrize("block_size", [1, 3])  # Full AttnRes; Block with blocks starting inside a layer
-def test_unrolled_loop_equals_scanned_loop(block_size):
-  """`unroll=True` (for the TPU compiler's cost analysis, docs/method.md §7) changes no output or gradient."""
-  num_layers, width = 4, 16
+@pytest.mark.parametrize("block_size,two_phase", [(1, False), (3, False), (3, True)])
+def test_unrolled_or_segmented_loop_equals_one_scan(block_size, two_phase):
+  """`unroll=True` (for the TPU compiler's cost analysis) and `segments=3` (three scans, each reading only the
+  slots it can see, docs/method.md §7) change no output or gradient. Full AttnRes; Block with blocks starting
+  inside a layer, direct and two-phase."""
+  num_layers, width = 5, 16
   keys = jax.random.split(jax.random.key(0), 4)
   weights_LxKxDxD = jax.random.normal(keys[0], (num_layers, 2, width, width)) / np.sqrt(width)
   depth_LxK = DepthParams(jax.random.normal(keys[1], (num_layers, 2, width)),
@@ -64,16 +66,27 @@ def test_unrolled_loop_equals_scanned_loop(block_size):
   embedding_BxTxD = jax.random.normal(keys[3], (2, 8, width))
   schedule = BlockSchedule(num_layers, 2, block_size)
 
-  def loss(unroll, weights_LxKxDxD, depth_LxK, embedding_BxTxD):
+  def loss(unroll, segments, weights_LxKxDxD, depth_LxK, embedding_BxTxD):
     state, _, _ = attnres_loop((_tanh_sublayer(0), _tanh_sublayer(1)), schedule, "full", 1e-6, "xla", MixingRule(),
-                               False, False, weights_LxKxDxD, depth_LxK, embedding_BxTxD, (), unroll=unroll)
+                               two_phase, False, weights_LxKxDxD, depth_LxK, embedding_BxTxD, (), unroll=unroll,
+                               segments=segments)
     h_BxTxD, _ = output_mix(state, jnp.ones(width), jnp.ones(width), 1e-6, "xla")
     return jnp.sum(jnp.sin(h_BxTxD)), state
 
   args = (weights_LxKxDxD, depth_LxK, embedding_BxTxD)
-  steps = [jax.jit(jax.value_and_grad(lambda *a, u=u: loss(u, *a), argnums=(0, 1, 2), has_aux=True))
-           for u in (False, True)]
-  assert [step.lower(*args).as_text().count("stablehlo.while") for step in steps] == [2, 0]  # forward, backward
-  scanned, unrolled = (step(*args) for step in steps)
-  for got, want in zip(jax.tree.leaves(unrolled), jax.tree.leaves(scanned)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  variants = [(False, 1), (True, 1), (False, 3)]
+  steps = [jax.jit(jax.value_and_grad(lambda *a, u=u, s=s: loss(u, s, *a), argnums=(0, 1, 2), has_aux=True))
+           for u, s in variants]
+  whiles = [step.lower(*args).as_text().count("stablehlo.while") for step in steps]
+  assert whiles == [2, 0, 6], whiles  # forward and backward scans
+  scanned, *others = (step(*args) for step in steps)
+  for other in others:
+    for got, want in zip(jax.tree.leaves(other), jax.tree.leaves(scanned)):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_segments_read_only_the_slots_their_sublayers_see():
+  """Full AttnRes over 16 sublayers in 4 runs of 2 layers: each reads the slots its last sublayer sees."""
+  assert BlockSchedule(8, 2, 1).segments(4, two_phase=False) == ((0, 2, 3), (2, 4, 7), (4, 6, 11), (6, 8, 15))
+  assert BlockSchedule(8, 2, 4).segments(2, two_phase=True) == ((0, 4, 2), (4, 8, 4))
+  assert BlockSchedule(2, 2, 1).segments(4, two_phase=False) == ((0, 1, 1), (1, 2, 3))

@@ -140,6 +140,7 @@ class Transformer(nnx.Module):
     self.depth_attention_impl = config.depth_attention_impl
     self.two_phase = config.two_phase
     self.unroll_layers = config.unroll_layers
+    self.depth_scan_segments = config.depth_scan_segments
     self.mixing_rule = MixingRule(key_norm=config.depth_key_norm, normalization=config.depth_normalization,
                                   num_heads=config.depth_heads, window=config.depth_window,
                                   logits=config.depth_logits, query_projection=config.depth_query_projection)
@@ -234,7 +235,7 @@ class Transformer(nnx.Module):
       state, stats, auxes = attnres_loop(
           sublayers, self.schedule(), self.remat, self.norm_eps, self.depth_attention_impl, self.mixing_rule,
           self.two_phase, return_stats, layer_inputs, self.depth.sublayer_params(), x_BxTxD, consts,
-          unroll=self.unroll_layers)
+          unroll=self.unroll_layers, segments=self.depth_scan_segments)
       h_BxTxD, output_weights = output_mix(state, self.depth.output_query[...], output_gain, self.norm_eps,
                                            self.depth_attention_impl, self.mixing_rule, with_weights=return_stats)
       if return_stats:

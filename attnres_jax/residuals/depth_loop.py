@@ -14,7 +14,9 @@ scan would save it once per layer, O(L N d). Instead the whole scan has a
   every layer, so nothing is stored).
 - backward: a reverse scan that re-reads the final buffer (every slot a layer
   read was final when it was read; later slots are masked), replays the layer
-  and carries the buffer's cotangent.
+  and carries the buffer's cotangent. Like the forward, the replay merges the
+  slots sealed earlier in the same layer from their values, so the layer adds to
+  the buffer's cotangent once (docs/method.md §7).
 A sublayer's input is the softmax over the slots sealed before it (the batched
 op of `attnres_jax.kernels`, `depth_attention_impl` choosing the jnp reference
 or the Pallas kernel), merged by log-sum-exp with the partial sum entering it (at a block start, the block being
@@ -225,13 +227,14 @@ class TwoPhase(NamedTuple):
 
 def _two_phase_input(phase1: TwoPhase, query_D: Array, gain_D: Array, state: DepthState, *,
                      all_queries_LxD: Array, all_gains_LxD: Array, starts_block: Array, slot: Array,
-                     position: Array, block_size: int, eps: float, impl: str) -> tuple[Array, TwoPhase]:
+                     position: Array, block_size: int, num_read: int, eps: float, impl: str
+                     ) -> tuple[Array, TwoPhase]:
   """`h` of the sublayer at `position` in block `slot`, from the state after its seal (docs/method.md §6).
 
   At a block start, phase 1 answers the block's `S` queries (rows `slot * S ..`
   of the flat, padded `all_queries_LxD`) against slots `0..slot` in one
-  batched call; every sublayer then merges its own partial sum by log-sum-exp
-  (the block's first sublayer has none).
+  batched call (reading the first `num_read` slots); every sublayer then merges
+  its own partial sum by log-sum-exp (the block's first sublayer has none).
   """
   def answer_block(sources_NxBxTxD):
     first = slot * block_size
@@ -240,7 +243,7 @@ def _two_phase_input(phase1: TwoPhase, query_D: Array, gain_D: Array, state: Dep
     return TwoPhase(*_slot_attention(block_queries_SxD, block_gains_SxD, sources_NxBxTxD, slot + 1, eps=eps,
                                      impl=impl))
 
-  phase1 = jax.lax.cond(starts_block, answer_block, lambda _: phase1, state.sources_NxBxTxD)
+  phase1 = jax.lax.cond(starts_block, answer_block, lambda _: phase1, state.sources_NxBxTxD[:num_read])
   mixture_BxTxD = jax.lax.dynamic_index_in_dim(phase1.mixtures_SxBxTxD, position, keepdims=False)
   lse_BxT = jax.lax.dynamic_index_in_dim(phase1.lse_SxBxT, position, keepdims=False)
   merged_BxTxD = merge_partial(mixture_BxTxD, lse_BxT, query_D, gain_D, state.partial_BxTxD, eps=eps)
@@ -281,8 +284,17 @@ def _flat_padded(per_layer_LxKxD: Array, block_size: int) -> Array:
   return jnp.pad(flat_LxD, ((0, block_size - 1), (0, 0)), constant_values=1)
 
 
-def _forward(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, unroll, save_residuals,
-             layer_params, depth_LxK, embedding_BxTxD, consts):
+def _segment_inputs(xs: PyTree, start: int, end: int) -> PyTree:
+  return jax.tree.map(lambda x: x[start:end], xs)
+
+
+def _stacked(per_segment: list[PyTree]) -> PyTree:
+  """Per-layer outputs of the segments' scans, stacked over all layers."""
+  return per_segment[0] if len(per_segment) == 1 else jax.tree.map(lambda *x: jnp.concatenate(x), *per_segment)
+
+
+def _forward(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, unroll, segments,
+             save_residuals, layer_params, depth_LxK, embedding_BxTxD, consts):
   keep_sublayer_vjps = save_residuals and remat != "full"
   num_saved = schedule.num_saved_partials if save_residuals else 0
   saved_PxBxTxD = jnp.zeros((num_saved,) + embedding_BxTxD.shape, embedding_BxTxD.dtype)
@@ -295,7 +307,7 @@ def _forward(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_sta
                                                     state.sources_NxBxTxD, 0, eps=eps, impl=impl))
     phase1 = TwoPhase(*(jnp.zeros(x.shape, x.dtype) for x in phase1))
 
-  def layer(carry, xs):
+  def layer(carry, xs, *, num_read):
     state, phase1, saved_PxBxTxD = carry
     params, depth_K, starts_block_K, slot_K, position_K, saved_index = xs
     if num_saved:
@@ -303,7 +315,7 @@ def _forward(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_sta
       kept = jnp.where(saved_index >= 0, state.partial_BxTxD, saved_PxBxTxD[index])
       saved_PxBxTxD = jax.lax.dynamic_update_index_in_dim(saved_PxBxTxD, kept, index, 0)
     sublayer_vjps, outputs, stats, auxes = [], [], [], []
-    entry_sources_NxBxTxD, pending = state.sources_NxBxTxD, ()
+    entry_sources_NxBxTxD, pending = state.sources_NxBxTxD[:num_read], ()
     for k, sublayer in enumerate(sublayers):
       where = dict(starts_block=starts_block_K[k], slot=slot_K[k])
       depth = jax.tree.map(lambda x: x[k], depth_K)
@@ -312,7 +324,7 @@ def _forward(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_sta
         state = seal(state, **where)
         h_BxTxD, phase1 = _two_phase_input(
             phase1, query, depth.gain, state, all_queries_LxD=all_queries_LxD,
-            all_gains_LxD=all_gains_LxD, position=position_K[k], block_size=block_size, eps=eps, impl=impl, **where)
+            all_gains_LxD=all_gains_LxD, position=position_K[k], block_size=block_size, num_read=num_read, eps=eps, impl=impl, **where)
       else:
         h_BxTxD = sublayer_input(query, depth.gain, entry_sources_NxBxTxD, state.partial_BxTxD, eps=eps, impl=impl,
                                  rule=rule, pending=pending, **where)
@@ -334,10 +346,16 @@ def _forward(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_sta
     return (state, phase1, saved_PxBxTxD), (tuple(sublayer_vjps), tuple(outputs), stats, tuple(auxes))
 
   xs = (layer_params, depth_LxK) + _schedule_inputs(schedule)
-  (state, _, saved_PxBxTxD), (sublayer_vjps, outputs, stats, auxes) = jax.lax.scan(
-      layer, (state, phase1, saved_PxBxTxD), xs, unroll=unroll)
+  carry, per_segment = (state, phase1, saved_PxBxTxD), []
+  for start, end, num_read in segments:
+    carry, ys = jax.lax.scan(functools.partial(layer, num_read=num_read), carry, _segment_inputs(xs, start, end),
+                             unroll=unroll)
+    per_segment.append(ys)
+  state, _, saved_PxBxTxD = carry
+  _, _, stats, auxes = _stacked(per_segment)
   stats = _flatten_stats(stats) if collect_stats else {}
-  return state, stats, auxes, (saved_PxBxTxD, sublayer_vjps, outputs)
+  vjp_residuals = [(sublayer_vjps, outputs) for sublayer_vjps, outputs, _, _ in per_segment]
+  return state, stats, auxes, (saved_PxBxTxD, vjp_residuals)
 
 
 def _flatten_stats(stats) -> dict[str, Array]:
@@ -361,6 +379,7 @@ def attnres_loop(
     consts: PyTree,
     *,
     unroll: bool = False,
+    segments: int = 1,
 ) -> tuple[DepthState, dict[str, Array], tuple[PyTree, ...]]:
   """Runs all sublayers with Block AttnRes mixing; returns the final state, statistics and auxiliary outputs.
 
@@ -374,60 +393,74 @@ def attnres_loop(
   outputs (stacked `[num_layers, ...]`, one entry per sublayer kind, e.g. new
   keys and values) carry no gradient. `unroll` unrolls the layer scans, forward
   and backward (the TPU compiler's cost analysis counts a scan body once).
+  `segments` splits the layers into that many scans, each reading only the
+  slots its sublayers can see (`BlockSchedule.segments`, docs/method.md §7): less
+  memory traffic, one more traced layer body per segment.
   """
   return _attnres_loop(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, unroll,
-                       layer_params, depth_LxK, embedding_BxTxD, consts)
+                       schedule.segments(segments if rule.is_default else 1, two_phase=two_phase), layer_params,
+                       depth_LxK, embedding_BxTxD, consts)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5, 6, 7, 8))
-def _attnres_loop(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, unroll,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9))
+def _attnres_loop(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, unroll, segments,
                   layer_params, depth_LxK, embedding_BxTxD, consts):
   state, stats, auxes, _ = _forward(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, unroll,
-                                    False, layer_params, depth_LxK, embedding_BxTxD, consts)
+                                    segments, False, layer_params, depth_LxK, embedding_BxTxD, consts)
   return state, stats, auxes
 
 
-def _attnres_loop_fwd(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, unroll,
+def _attnres_loop_fwd(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, unroll, segments,
                       layer_params, depth_LxK, embedding_BxTxD, consts):
   state, stats, auxes, saved = _forward(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats,
-                                        unroll, True, layer_params, depth_LxK, embedding_BxTxD, consts)
+                                        unroll, segments, True, layer_params, depth_LxK, embedding_BxTxD, consts)
   return (state, stats, auxes), (layer_params, depth_LxK, consts, state, saved)
 
 
-def _replay_sublayer_input(depth, sources_NxBxTxD, partial_BxTxD, *, starts_block, slot, eps, impl, rule):
+def _replay_sublayer_input(depth, sources_NxBxTxD, partial_BxTxD, pending_values, *, starts_block, slot,
+                           pending_where, eps, impl, rule):
   """`sublayer_input` and the seal as a pure function of a read-only buffer, for `jax.vjp`.
 
+  As in the forward, the slots sealed by earlier sublayers of the layer are
+  merged from their values (`pending_values`, with their `(sealed, slot)` in
+  `pending_where`), so their cotangents come back per value: no cotangent of the
+  whole buffer is needed between the sublayers of a layer (docs/method.md §7).
   Returns h, the partial after the seal, and what the seal writes (the partial),
   whose cotangent the caller reads from the buffer's.
   """
+  pending = tuple(Seal(value, sealed, index) for value, (sealed, index) in zip(pending_values, pending_where))
   h_BxTxD = sublayer_input(sublayer_query(depth, partial_BxTxD), depth.gain, sources_NxBxTxD, partial_BxTxD,
-                           starts_block=starts_block, slot=slot, eps=eps, impl=impl, rule=rule)
+                           starts_block=starts_block, slot=slot, eps=eps, impl=impl, rule=rule, pending=pending)
   partial_after_BxTxD = jnp.where(starts_block, jnp.zeros_like(partial_BxTxD), partial_BxTxD)
   return h_BxTxD, partial_after_BxTxD, partial_BxTxD
 
 
-def _attnres_loop_bwd(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, unroll, residuals,
-                      cotangents):
+def _attnres_loop_bwd(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, unroll, segments,
+                      residuals, cotangents):
   del two_phase  # the backward replays each sublayer's direct mix against the final buffer
   layer_params, depth_LxK, consts, final, saved = residuals
-  saved_PxBxTxD, sublayer_vjps, outputs = saved
+  saved_PxBxTxD, vjp_residuals = saved
   ct_final, _, _ = cotangents  # statistics and auxiliary outputs carry no gradient
   num_sublayers = len(sublayers)
 
-  def layer_backward(carry, xs):
+  def layer_backward(carry, xs, *, num_read):
     ct_state, ct_consts = carry
     params, depth_K, starts_block_K, slot_K, _, saved_index, vjps, outs = xs
     partial_BxTxD = jax.lax.dynamic_index_in_dim(final.sources_NxBxTxD, slot_K[0], keepdims=False)
     if saved_PxBxTxD.shape[0]:
       stored = jax.lax.dynamic_index_in_dim(saved_PxBxTxD, jnp.maximum(saved_index, 0), keepdims=False)
       partial_BxTxD = jnp.where(saved_index >= 0, stored, partial_BxTxD)
-    mix_vjps, sublayer_vjps_k = [], []
+    mix_vjps, sublayer_vjps_k, pending_values = [], [], []
     for k, sublayer in enumerate(sublayers):  # replay the layer forward
-      replay = functools.partial(_replay_sublayer_input, starts_block=starts_block_K[k], slot=slot_K[k], eps=eps,
-                                 impl=impl, rule=rule)
-      (h_BxTxD, partial_BxTxD, _), mix_vjp = jax.vjp(
-          replay, jax.tree.map(lambda x: x[k], depth_K), final.sources_NxBxTxD, partial_BxTxD)
+      where = [(starts_block_K[j], slot_K[j]) for j in range(k)]
+      replay = functools.partial(_replay_sublayer_input, starts_block=starts_block_K[k], slot=slot_K[k],
+                                 pending_where=where, eps=eps, impl=impl, rule=rule)
+      (h_BxTxD, partial_after_BxTxD, _), mix_vjp = jax.vjp(
+          replay, jax.tree.map(lambda x: x[k], depth_K), final.sources_NxBxTxD[:num_read], partial_BxTxD,
+          tuple(pending_values))
       mix_vjps.append(mix_vjp)
+      pending_values.append(partial_BxTxD)  # what sublayer k seals, if it starts a block
+      partial_BxTxD = partial_after_BxTxD
       if remat == "full":
         out_BxTxD, sublayer_vjp, _ = jax.vjp(sublayer, params, consts, h_BxTxD, has_aux=True)
       else:
@@ -436,21 +469,30 @@ def _attnres_loop_bwd(sublayers, schedule, remat, eps, impl, rule, two_phase, co
       if k < num_sublayers - 1:
         partial_BxTxD = partial_BxTxD + out_BxTxD
     ct_sources, ct_partial = ct_state
-    ct_params, ct_depth = None, [None] * num_sublayers
+    ct_params, ct_depth, ct_pending = None, [None] * num_sublayers, [0.0] * num_sublayers
+    d_sources_of_layer = []
     for k in reversed(range(num_sublayers)):  # then back through it
       d_params, d_consts, ct_h_BxTxD = sublayer_vjps_k[k](ct_partial)
       ct_params = d_params if ct_params is None else jax.tree.map(jnp.add, ct_params, d_params)
       ct_consts = jax.tree.map(jnp.add, ct_consts, d_consts)
-      sealed = lambda ct: jnp.where(starts_block_K[k], jax.lax.dynamic_index_in_dim(ct, slot_K[k], keepdims=False), 0)
-      ct_depth[k], d_sources, ct_partial = mix_vjps[k]((ct_h_BxTxD, ct_partial, sealed(ct_sources)))
-      ct_sources = ct_sources + d_sources
-    ct_state = DepthState(ct_sources, ct_partial)
+      # The sealed value's cotangent: from later layers through the buffer (every slot this layer
+      # seals is hidden from its own replays) and from this layer's later sublayers as a pending value.
+      ct_sealed = jnp.where(starts_block_K[k], jax.lax.dynamic_index_in_dim(ct_sources, slot_K[k], keepdims=False),
+                            0) + ct_pending[k]
+      ct_depth[k], d_sources, ct_partial, ct_values = mix_vjps[k]((ct_h_BxTxD, ct_partial, ct_sealed))
+      ct_pending[:k] = [total + ct for total, ct in zip(ct_pending[:k], ct_values)]
+      d_sources_of_layer.append(d_sources)
+    ct_read_RxBxTxD = functools.reduce(jnp.add, d_sources_of_layer, ct_sources[:num_read])
+    ct_state = DepthState(jax.lax.dynamic_update_slice_in_dim(ct_sources, ct_read_RxBxTxD, 0, 0), ct_partial)
     return (ct_state, ct_consts), (ct_params, jax.tree.map(lambda *cts: jnp.stack(cts), *ct_depth))
 
-  xs = (layer_params, depth_LxK) + _schedule_inputs(schedule) + (sublayer_vjps, outputs)
-  init = (ct_final, jax.tree.map(jnp.zeros_like, consts))
-  (ct_state, ct_consts), (ct_params, ct_depth) = jax.lax.scan(layer_backward, init, xs, reverse=True,
-                                                              unroll=unroll)
+  xs = (layer_params, depth_LxK) + _schedule_inputs(schedule)
+  carry, per_segment = (ct_final, jax.tree.map(jnp.zeros_like, consts)), []
+  for (start, end, num_read), residuals_of_segment in reversed(list(zip(segments, vjp_residuals))):
+    carry, ys = jax.lax.scan(functools.partial(layer_backward, num_read=num_read), carry,
+                             _segment_inputs(xs, start, end) + residuals_of_segment, reverse=True, unroll=unroll)
+    per_segment.insert(0, ys)
+  (ct_state, ct_consts), (ct_params, ct_depth) = carry, _stacked(per_segment)
   return ct_params, ct_depth, ct_state.partial_BxTxD, ct_consts
 
 

@@ -62,3 +62,18 @@ class BlockSchedule:
   @property
   def num_saved_partials(self) -> int:
     return int((~self.starts_block()[:, 0]).sum())
+
+  def segments(self, count: int, *, two_phase: bool) -> tuple[tuple[int, int, int], ...]:
+    """`count` runs of consecutive layers `(start, end, num_read)`, as equal as they divide.
+
+    `num_read` is the number of leading slots any mix in the run reads (at
+    least 1): every slot a sublayer sees (`slot` at a block start, else
+    `slot + 1`; after the seal, `slot + 1`, for two-phase). A scan per run reads
+    only those slots, so the depth loop reads about half of the buffer of Full
+    AttnRes instead of all of it (docs/method.md §7).
+    """
+    slots_seen = self.slot() + (1 if two_phase else ~self.starts_block())
+    bounds = np.linspace(0, self.num_layers, min(count, self.num_layers) + 1).round().astype(int)
+    return tuple((int(start), int(end), max(1, int(slots_seen[start:end].max())))
+                 for start, end in zip(bounds[:-1], bounds[1:]))
+
