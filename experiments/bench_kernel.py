@@ -10,16 +10,26 @@ reference in the same run.
 On CPU the kernel runs in the Pallas TPU interpreter: its times say nothing
 about accelerator speed, and the default shapes are small.
 
+With `--tpu_topology` nothing runs: both are compiled ahead of time for one
+chip of that TPU slice (libtpu, any machine; docs/method.md §13) at the
+per-chip shapes of the paper's sizes, and the table gives the TPU compiler's
+estimated time, bytes accessed and temp memory. The real Mosaic compile is what
+catches a kernel that overflows VMEM; the kernel tells the compiler its FLOPs
+and bytes (`pl.CostEstimate`), which it otherwise counts only in part.
+
   python -m experiments.bench_kernel                        # from the repository root
   python -m experiments.bench_kernel --shapes=9,8,16384,2048,bfloat16
+  python -m experiments.bench_kernel --tpu_topology=v5p:2x2x1
 """
 
 import argparse
+import os
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import topologies
 
 from attnres_jax import cli
 from attnres_jax.kernels.depth_attention_op import batched_depth_attention
@@ -32,6 +42,10 @@ PEAK_BANDWIDTH = {
 }
 ACCELERATOR_SHAPES = "9,8,16384,2048,bfloat16;9,1,16384,2048,bfloat16;9,8,16384,2048,float32;33,1,8192,1024,bfloat16"
 CPU_SHAPES = "9,8,512,256,float32;9,1,1024,512,float32"
+# Per chip at batch 256 x 8192 over 32 chips (M = 8 x 8192): paper-436M (d = 1168) two-phase Block (Q = S = 8
+# queries over 9 slots), a direct mix (Q = 1), Full (32 slots), and paper-sized d = 2048.
+TPU_SHAPES = ("9,8,65536,1168,bfloat16;9,1,65536,1168,bfloat16;32,1,65536,1168,bfloat16;"
+              "9,8,65536,2048,bfloat16")
 
 
 def peak_bandwidth(device: jax.Device) -> float | None:
@@ -71,6 +85,42 @@ def implementations(backend: str, target: Target | None):
   return [("kernel", kernel), ("xla", reference)]
 
 
+def compiled_costs(fn, *args) -> tuple[float, float, float]:
+  """The TPU compiler's estimated milliseconds, GB accessed and temp GiB of `fn` at the abstract `args`."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  costs = compiled.cost_analysis()
+  costs = costs[0] if isinstance(costs, (list, tuple)) else costs  # a list of one dict on older jax
+  return (costs["optimal_seconds"] * 1e3, costs["bytes accessed"] / 1e9,
+          compiled.memory_analysis().temp_size_in_bytes / 2**30)
+
+
+def tpu_table(topology: str, shapes: str) -> None:
+  """Kernel and reference compiled for one chip of `topology`, forward and forward + backward, one row each."""
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # libtpu: no TPU metadata server to ask on this machine
+  chip = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
+  on_chip = jax.sharding.SingleDeviceSharding(chip)
+  print(f"compiled for one {chip.device_kind} chip of {topology}, jax {jax.__version__}: estimates, nothing runs")
+  print("| S | Q | M | d | dtype | pass | impl | est. ms | x xla | GB accessed | temp GiB |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  for spec in shapes.split(";"):
+    s, q, m, d, dtype = spec.split(",")
+    num_sources, num_queries, tokens, width, dtype = int(s), int(q), int(m), int(d), jnp.dtype(dtype)
+    abstract = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=on_chip)
+    sources, query_gains = abstract((num_sources, tokens, width), dtype), abstract((num_queries, width), jnp.float32)
+    d_mixtures, d_lse = abstract((num_queries, tokens, width), dtype), abstract((num_queries, tokens), jnp.float32)
+    num_valid = abstract((), jnp.int32)
+    for pass_name in ("fwd", "fwd+bwd"):
+      costs = {}
+      for name, op in implementations("tpu", None):
+        if pass_name == "fwd":
+          costs[name] = compiled_costs(op, sources, num_valid, query_gains)
+        else:
+          costs[name] = compiled_costs(forward_backward(op), sources, num_valid, query_gains, d_mixtures, d_lse)
+      for name, (ms, gigabytes, temp) in costs.items():
+        print(f"| {num_sources} | {num_queries} | {tokens} | {width} | {dtype.name} | {pass_name} | {name} | "
+              f"{ms:.3f} | {costs['xla'][0] / ms:.2f} | {gigabytes:.2f} | {temp:.2f} |", flush=True)
+
+
 def forward_backward(op):
   def run(sources, num_valid, query_gains, d_mixtures, d_lse):
     outputs, vjp = jax.vjp(lambda s, q: op(s, num_valid, q), sources, query_gains)
@@ -85,7 +135,12 @@ def main():
   parser.add_argument("--peak_gbps", type=float, default=None, help="peak memory bandwidth, if not in the table")
   parser.add_argument("--triton_tile_elements", type=int, default=None, help="tuning: Triton [TM, d] tile size")
   parser.add_argument("--triton_num_warps", type=int, default=None, help="tuning: Triton warps per program")
+  parser.add_argument("--tpu_topology", default=None,
+                      help="compile for one chip of this TPU slice instead of running (e.g. v5p:2x2x1)")
   args = parser.parse_args()
+  if args.tpu_topology:
+    tpu_table(args.tpu_topology, args.shapes or TPU_SHAPES)
+    return
 
   device = jax.devices()[0]
   backend = jax.default_backend()

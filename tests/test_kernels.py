@@ -17,7 +17,7 @@ from flax import nnx
 
 from attnres_jax import Transformer
 from attnres_jax.kernels.depth_attention_op import batched_depth_attention
-from attnres_jax.kernels.depth_attention_pallas import TPU_INTERPRET, Target, depth_attention_pallas
+from attnres_jax.kernels.depth_attention_pallas import TPU, TPU_INTERPRET, Target, depth_attention_pallas, tpu_vmem_bytes
 from attnres_jax.kernels.depth_attention_reference import depth_attention_reference
 from attnres_jax.train.loss import next_token_loss
 from helpers import make_model, max_rel_error, random_tokens, tiny_config
@@ -201,3 +201,20 @@ def test_model_with_the_interpreted_kernel_equals_xla(residual, block_size):
   np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
     assert max_rel_error(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("num_sources,num_queries,width,want_tile", [
+    (9, 8, 1168, 128), (9, 1, 1168, 256), (9, 8, 2048, 64), (32, 1, 1168, 64)])
+def test_tpu_token_tiles_fit_vmem(num_sources, num_queries, width, want_tile):
+  """TPU token tiles at the paper's per-chip shapes (bf16, 65,536 tokens) are the largest whose blocks and
+  float32 values fit the VMEM budget (`tests/test_aot_compile.py` compiles the first for a v5p chip)."""
+  tile = TPU.token_tile(65536, num_sources, num_queries, width, 2)
+  assert tile == want_tile
+  assert tpu_vmem_bytes(tile, num_sources, num_queries, width, 2) <= 48 * 2**20 < tpu_vmem_bytes(
+      2 * tile, num_sources, num_queries, width, 2)
+
+
+def test_a_kernel_too_wide_for_vmem_is_one_clear_error():
+  with pytest.raises(ValueError, match="depth_attention_impl=xla"):
+    TPU.token_tile(65536, 256, 8, 8192, 2)
+

@@ -86,7 +86,9 @@ def test_unrolled_or_segmented_loop_equals_one_scan(block_size, two_phase):
 
 
 def test_segments_read_only_the_slots_their_sublayers_see():
-  """Full AttnRes over 16 sublayers in 4 runs of 2 layers: each reads the slots its last sublayer sees."""
-  assert BlockSchedule(8, 2, 1).segments(4, two_phase=False) == ((0, 2, 3), (2, 4, 7), (4, 6, 11), (6, 8, 15))
-  assert BlockSchedule(8, 2, 4).segments(2, two_phase=True) == ((0, 4, 2), (4, 8, 4))
-  assert BlockSchedule(2, 2, 1).segments(4, two_phase=False) == ((0, 1, 1), (1, 2, 3))
+  """Full AttnRes over 16 sublayers in 4 runs of 2 layers: each reads the slots its last sublayer sees; the
+  last run (and a single one) the whole buffer."""
+  assert BlockSchedule(8, 2, 1).segments(4, two_phase=False) == ((0, 2, 3), (2, 4, 7), (4, 6, 11), (6, 8, 16))
+  assert BlockSchedule(8, 2, 1).segments(1, two_phase=False) == ((0, 8, 16),)
+  assert BlockSchedule(16, 2, 4).segments(4, two_phase=True) == ((0, 4, 2), (4, 8, 4), (8, 12, 6), (12, 16, 8))
+  assert BlockSchedule(2, 2, 1).segments(4, two_phase=False) == ((0, 1, 1), (1, 2, 4))

@@ -19,8 +19,8 @@ queries on lanes), so no value is transposed inside a kernel; on TPU the logits
 are a `[TM, d] x [d, Qp]` matmul. `lse` and its cotangent cross the kernel boundary
 token-major (`[M, Qp]`) and are transposed outside (Q * 4 bytes per token).
 
-Targets (`Target`): Mosaic TPU (token tiles of 128-512, every block's last two
-dims 128/8-aligned or full, the source count in SMEM) and Triton on GPU
+Targets (`Target`): Mosaic TPU (token tiles of 16-512 sized to VMEM, every
+block's last two dims 128/8-aligned or full, the source count in SMEM) and Triton on GPU
 (power-of-two values: width and queries padded to powers of two, no
 `tl.dot` (its operands would be staged in shared memory; lane sums instead),
 token tiles of about 4096 elements that stay in registers). Inputs are zero-padded to whole
@@ -40,12 +40,22 @@ from jax.experimental.pallas import triton as pltriton
 from attnres_jax.kernels.depth_attention_reference import Array, compute_dtype
 
 _LANES = 128
-_TPU_VMEM_BUDGET = 40 * 2**20  # bytes of blocks (double-buffered) a TPU token tile may use
+_TPU_VMEM_BUDGET = 48 * 2**20  # VMEM a TPU token tile may use: blocks and float32 values (`tpu_vmem_bytes`)
+_TPU_VMEM_LIMIT = 60 * 2**20  # the compiler's scoped-VMEM limit for the kernels (v5p has 64 MiB)
+_TPU_TILES = (512, 256, 128, 64, 32, 16)
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
+
+
+def tpu_vmem_bytes(tile: int, num_sources: int, num_queries: int, width: int, itemsize: int) -> int:
+  """VMEM of the backward kernel (the larger) at a token tile: its blocks (sources, their cotangents and the
+  mixtures' cotangents, double-buffered) and the float32 values Mosaic keeps of them, about `2 S + 2 Q` per
+  token and channel (fitted to compiles for v5p: d = 1168, S = 9, Q = 8 needs 68.5 MiB at 256 tokens)."""
+  blocks = 2 * (2 * num_sources + num_queries) * tile * width * itemsize
+  return blocks + (2 * num_sources + 2 * num_queries) * tile * width * 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +78,14 @@ class Target:
   def token_tile(self, num_tokens: int, num_sources: int, num_queries: int, width: int, itemsize: int) -> int:
     if self.backend == "triton":
       return min(max(1, self.triton_tile_elements // width), pl.next_power_of_2(num_tokens))
-    # Backward blocks: sources, their cotangents and the mixture cotangents, double-buffered.
-    for tile in (512, 256):
-      if tile <= _round_up(num_tokens, _LANES) and 2 * (2 * num_sources + num_queries) * tile * width * itemsize <= _TPU_VMEM_BUDGET:
+    for tile in _TPU_TILES:
+      if (tile <= _round_up(num_tokens, _LANES)
+          and tpu_vmem_bytes(tile, num_sources, num_queries, width, itemsize) <= _TPU_VMEM_BUDGET):
         return tile
-    return _LANES
+    raise ValueError(f"depth attention over {num_sources} sources of width {width} for {num_queries} queries "
+                     f"needs {tpu_vmem_bytes(_TPU_TILES[-1], num_sources, num_queries, width, itemsize) / 2**20:.0f}"
+                     f" MiB of VMEM at {_TPU_TILES[-1]} tokens, over {_TPU_VMEM_BUDGET / 2**20:.0f} MiB: use "
+                     "depth_attention_impl=xla")
 
   def count_spec(self) -> pl.BlockSpec:
     if self.backend == "tpu":
@@ -81,7 +94,7 @@ class Target:
 
   def compiler_params(self, dimension_semantics: tuple[str, ...]):
     if self.backend == "tpu":
-      return pltpu.CompilerParams(dimension_semantics=dimension_semantics, vmem_limit_bytes=2 * _TPU_VMEM_BUDGET)
+      return pltpu.CompilerParams(dimension_semantics=dimension_semantics, vmem_limit_bytes=_TPU_VMEM_LIMIT)
     return pltriton.CompilerParams(num_warps=self.triton_num_warps, num_stages=1)
 
   def interpret_mode(self):
@@ -222,6 +235,13 @@ class _Tiling:
     return jnp.pad(x, padding)
 
 
+def _cost(operands, results, *, flops: int, transcendentals: int) -> pl.CostEstimate:
+  """What a kernel costs, for the compiler's estimate (which otherwise counts a Pallas call's bytes only in
+  part): FLOPs, exp/rsqrt, and the bytes of every operand read and result written once."""
+  moved = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((operands, results)))
+  return pl.CostEstimate(flops=int(flops), transcendentals=int(transcendentals), bytes_accessed=int(moved))
+
+
 def _forward_call(target: Target, sources_SxMxD, num_valid, query_gains_QxD, *, eps: float):
   (num_sources, num_tokens, width), num_queries = sources_SxMxD.shape, query_gains_QxD.shape[0]
   dtype = compute_dtype(sources_SxMxD.dtype)
@@ -229,6 +249,10 @@ def _forward_call(target: Target, sources_SxMxD, num_valid, query_gains_QxD, *, 
   query_gains = jnp.pad(query_gains_QxD.astype(dtype),
                         ((0, tiling.queries - num_queries), (0, tiling.width - width)))
   tile, wide, qp = tiling.tile, tiling.width, tiling.queries
+  operands = (jnp.reshape(num_valid, (1,)).astype(jnp.int32), query_gains, tiling.pad(sources_SxMxD, 1, 2))
+  out_shape = [jax.ShapeDtypeStruct((num_queries, tiling.tokens, wide), sources_SxMxD.dtype),
+               jax.ShapeDtypeStruct((tiling.tokens, qp), dtype)]
+  elements = num_sources * tiling.tokens * wide  # logits (and the norm) then mixtures, per source element
   mixtures, lse_MxQp = pl.pallas_call(
       functools.partial(_forward_kernel, eps=eps, width=width, dtype=dtype, use_matmul=target.backend == "tpu"),
       grid=(tiling.tokens // tile,),
@@ -237,12 +261,13 @@ def _forward_call(target: Target, sources_SxMxD, num_valid, query_gains_QxD, *, 
                 pl.BlockSpec((num_sources, tile, wide), lambda i: (0, i, 0))],
       out_specs=[pl.BlockSpec((num_queries, tile, wide), lambda i: (0, i, 0)),
                  pl.BlockSpec((tile, qp), lambda i: (i, 0))],
-      out_shape=[jax.ShapeDtypeStruct((num_queries, tiling.tokens, wide), sources_SxMxD.dtype),
-                 jax.ShapeDtypeStruct((tiling.tokens, qp), dtype)],
+      out_shape=out_shape,
       compiler_params=target.compiler_params(("parallel",)),
       interpret=target.interpret_mode(),
+      cost_estimate=_cost(operands, out_shape, flops=elements * (2 + 4 * num_queries),
+                          transcendentals=num_sources * tiling.tokens * (num_queries + 1)),
       name="depth_attention_fwd",
-  )(jnp.reshape(num_valid, (1,)).astype(jnp.int32), query_gains, tiling.pad(sources_SxMxD, 1, 2))
+  )(*operands)
   return mixtures[:, :num_tokens, :width], lse_MxQp[:num_tokens, :num_queries].T
 
 
@@ -255,6 +280,11 @@ def _backward_call(target: Target, sources_SxMxD, num_valid, query_gains_QxD, d_
   num_tiles = tiling.tokens // tile
   query_gains = jnp.pad(query_gains_QxD.astype(dtype), ((0, qp - num_queries), (0, wide - width)))
   d_lse_MxQp = jnp.pad(d_lse_QxM.astype(dtype).T, ((0, tiling.tokens - num_tokens), (0, qp - num_queries)))
+  operands = (jnp.reshape(num_valid, (1,)).astype(jnp.int32), query_gains, tiling.pad(sources_SxMxD, 1, 2),
+              tiling.pad(d_mixtures_QxMxD.astype(sources_SxMxD.dtype), 1, 2), d_lse_MxQp)
+  out_shape = [jax.ShapeDtypeStruct((num_sources, tiling.tokens, wide), sources_SxMxD.dtype),
+               jax.ShapeDtypeStruct((num_tiles, num_queries, wide), dtype)]
+  elements = num_sources * tiling.tokens * wide  # the forward's logits again, then four products per query
   d_sources, d_query_gains_per_tile = pl.pallas_call(
       functools.partial(_backward_kernel, eps=eps, width=width, dtype=dtype, use_matmul=target.backend == "tpu"),
       grid=(num_tiles,),
@@ -265,13 +295,13 @@ def _backward_call(target: Target, sources_SxMxD, num_valid, query_gains_QxD, d_
                 pl.BlockSpec((tile, qp), lambda i: (i, 0))],
       out_specs=[pl.BlockSpec((num_sources, tile, wide), lambda i: (0, i, 0)),
                  pl.BlockSpec((None, num_queries, wide), lambda i: (i, 0, 0))],
-      out_shape=[jax.ShapeDtypeStruct((num_sources, tiling.tokens, wide), sources_SxMxD.dtype),
-                 jax.ShapeDtypeStruct((num_tiles, num_queries, wide), dtype)],
+      out_shape=out_shape,
       compiler_params=target.compiler_params(("parallel",)),
       interpret=target.interpret_mode(),
+      cost_estimate=_cost(operands, out_shape, flops=elements * (4 + 10 * num_queries),
+                          transcendentals=num_sources * tiling.tokens * (num_queries + 1)),
       name="depth_attention_bwd",
-  )(jnp.reshape(num_valid, (1,)).astype(jnp.int32), query_gains, tiling.pad(sources_SxMxD, 1, 2),
-    tiling.pad(d_mixtures_QxMxD.astype(sources_SxMxD.dtype), 1, 2), d_lse_MxQp)
+  )(*operands)
   d_query_gains_QxD = jnp.sum(d_query_gains_per_tile, axis=0)[:, :width]
   return d_sources[:, :num_tokens, :width], d_query_gains_QxD.astype(query_gains_QxD.dtype)
 

@@ -397,9 +397,10 @@ def attnres_loop(
   slots its sublayers can see (`BlockSchedule.segments`, docs/method.md §7): less
   memory traffic, one more traced layer body per segment.
   """
-  return _attnres_loop(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, unroll,
-                       schedule.segments(segments if rule.is_default else 1, two_phase=two_phase), layer_params,
-                       depth_LxK, embedding_BxTxD, consts)
+  runs = (schedule.segments(segments, two_phase=two_phase) if rule.is_default
+          else ((0, schedule.num_layers, schedule.num_slots),))  # ablated rules index every slot (learned logits)
+  return _attnres_loop(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, unroll, runs,
+                       layer_params, depth_LxK, embedding_BxTxD, consts)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9))

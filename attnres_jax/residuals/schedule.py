@@ -70,10 +70,13 @@ class BlockSchedule:
     least 1): every slot a sublayer sees (`slot` at a block start, else
     `slot + 1`; after the seal, `slot + 1`, for two-phase). A scan per run reads
     only those slots, so the depth loop reads about half of the buffer of Full
-    AttnRes instead of all of it (docs/method.md §7).
+    AttnRes instead of all of it (docs/method.md §7). The last run reads every
+    slot: cutting off the one that Full AttnRes's last sublayer does not see
+    would copy the rest where the mix is a dot (float32 on CPUs).
     """
     slots_seen = self.slot() + (1 if two_phase else ~self.starts_block())
     bounds = np.linspace(0, self.num_layers, min(count, self.num_layers) + 1).round().astype(int)
-    return tuple((int(start), int(end), max(1, int(slots_seen[start:end].max())))
+    return tuple((int(start), int(end), self.num_slots if end == self.num_layers
+                  else max(1, int(slots_seen[start:end].max())))
                  for start, end in zip(bounds[:-1], bounds[1:]))
 
