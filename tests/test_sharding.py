@@ -127,8 +127,10 @@ def test_ablation_baselines_train_on_a_mesh_as_on_one_device(residual, overrides
 
 def test_pallas_kernel_runs_per_batch_shard_and_equals_xla_on_one_device():
   """The kernel is mapped over batch shards (GSPMD cannot split a Pallas call); the query gradients are summed
-  over the shards, once: a factor on them fails here."""
-  assert_equals_one_device((2, 2, 2), "block", reference={}, depth_attention_impl="pallas_interpret")
+  over the shards, once: a factor on them fails here. Two shards: the Pallas TPU interpreter makes every
+  device's callbacks meet at a barrier, and with eight devices on a loaded 2-core machine that rendezvous
+  has timed out and aborted the process."""
+  assert_equals_one_device((1, 2, 1), "block", reference={}, depth_attention_impl="pallas_interpret")
 
 
 @pytest.mark.slow
