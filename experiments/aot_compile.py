@@ -79,12 +79,20 @@ def variant_config(config: ml_collections.ConfigDict, variant: str) -> ml_collec
 
 def slice_devices(topology: str) -> list[jax.Device]:
   """The abstract chips of a TPU slice; a clear error for a name libtpu does not know."""
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # libtpu: no TPU metadata server to ask on this machine
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # and other processes may hold libtpu too
   try:
     return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
   except Exception as e:  # libtpu raises RuntimeError / XlaRuntimeError with its own text
     raise ValueError(f"--topology={topology}: not a TPU slice libtpu can describe ({e}); "
                      "e.g. v5e:2x2, v5p:4x4x2, v6e:4x4 (and libtpu must be installed: pip install 'jax[tpu]')"
                      ) from e
+
+
+def compiler_costs(compiled) -> dict[str, float]:
+  """The compiler's cost analysis of a compiled program (`flops`, `bytes accessed`, `optimal_seconds`)."""
+  costs = compiled.cost_analysis()
+  return costs[0] if isinstance(costs, (list, tuple)) else costs  # a list of one dict on older jax
 
 
 def compile_train_step(config: ml_collections.ConfigDict, devices: list[jax.Device], *, unrolled: bool) -> Compiled:
@@ -105,8 +113,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[jax.Devi
   memory = compiled.memory_analysis()
   total = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
            - memory.alias_size_in_bytes)
-  costs = compiled.cost_analysis()
-  costs = costs[0] if isinstance(costs, (list, tuple)) else costs  # a list of one dict on older jax
+  costs = compiler_costs(compiled)
   return Compiled(memory.argument_size_in_bytes, memory.temp_size_in_bytes, total, flops=costs.get("flops"),
                   bytes_accessed=costs.get("bytes accessed"), seconds=costs.get("optimal_seconds"))
 
@@ -161,8 +168,6 @@ def main(argv):
   configs = {variant: variant_config(_CONFIG.value, variant) for variant in variants}
   for config in configs.values():  # every variant's mistakes before the first (minutes-long) compile
     check_run_config(config, platform="tpu")
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # libtpu: no TPU metadata server to ask on this machine
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # and other processes may hold libtpu too
   devices = slice_devices(_TOPOLOGY.value)
   device, base = devices[0], configs["prenorm"]
   hbm, peak = hbm_bytes_per_device(device), peak_flops_per_device(device, base.model.dtype)

@@ -23,17 +23,16 @@ and bytes (`pl.CostEstimate`), which it otherwise counts only in part.
 """
 
 import argparse
-import os
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import topologies
 
 from attnres_jax import cli
 from attnres_jax.kernels.depth_attention_op import batched_depth_attention
 from attnres_jax.kernels.depth_attention_pallas import Target, depth_attention_pallas
+from experiments.aot_compile import compiler_costs, slice_devices
 
 # Peak HBM bandwidth in bytes/s by `device_kind` prefix (vendor data sheets).
 PEAK_BANDWIDTH = {
@@ -88,16 +87,14 @@ def implementations(backend: str, target: Target | None):
 def compiled_costs(fn, *args) -> tuple[float, float, float]:
   """The TPU compiler's estimated milliseconds, GB accessed and temp GiB of `fn` at the abstract `args`."""
   compiled = jax.jit(fn).lower(*args).compile()
-  costs = compiled.cost_analysis()
-  costs = costs[0] if isinstance(costs, (list, tuple)) else costs  # a list of one dict on older jax
+  costs = compiler_costs(compiled)
   return (costs["optimal_seconds"] * 1e3, costs["bytes accessed"] / 1e9,
           compiled.memory_analysis().temp_size_in_bytes / 2**30)
 
 
 def tpu_table(topology: str, shapes: str) -> None:
   """Kernel and reference compiled for one chip of `topology`, forward and forward + backward, one row each."""
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # libtpu: no TPU metadata server to ask on this machine
-  chip = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
+  chip = slice_devices(topology)[0]
   on_chip = jax.sharding.SingleDeviceSharding(chip)
   print(f"compiled for one {chip.device_kind} chip of {topology}, jax {jax.__version__}: estimates, nothing runs")
   print("| S | Q | M | d | dtype | pass | impl | est. ms | x xla | GB accessed | temp GiB |")

@@ -17,7 +17,8 @@ from flax import nnx
 
 from attnres_jax import Transformer
 from attnres_jax.kernels.depth_attention_op import batched_depth_attention
-from attnres_jax.kernels.depth_attention_pallas import TPU, TPU_INTERPRET, Target, depth_attention_pallas, tpu_vmem_bytes
+from attnres_jax.kernels.depth_attention_pallas import (TPU, TPU_INTERPRET, Target, depth_attention_pallas,
+                                                        tpu_vmem_bytes)
 from attnres_jax.kernels.depth_attention_reference import depth_attention_reference
 from attnres_jax.train.loss import next_token_loss
 from helpers import make_model, max_rel_error, random_tokens, tiny_config

@@ -324,7 +324,8 @@ def _forward(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_sta
         state = seal(state, **where)
         h_BxTxD, phase1 = _two_phase_input(
             phase1, query, depth.gain, state, all_queries_LxD=all_queries_LxD,
-            all_gains_LxD=all_gains_LxD, position=position_K[k], block_size=block_size, num_read=num_read, eps=eps, impl=impl, **where)
+            all_gains_LxD=all_gains_LxD, position=position_K[k], block_size=block_size, num_read=num_read,
+            eps=eps, impl=impl, **where)
       else:
         h_BxTxD = sublayer_input(query, depth.gain, entry_sources_NxBxTxD, state.partial_BxTxD, eps=eps, impl=impl,
                                  rule=rule, pending=pending, **where)
@@ -397,8 +398,8 @@ def attnres_loop(
   slots its sublayers can see (`BlockSchedule.segments`, docs/method.md §7): less
   memory traffic, one more traced layer body per segment.
   """
-  runs = (schedule.segments(segments, two_phase=two_phase) if rule.is_default
-          else ((0, schedule.num_layers, schedule.num_slots),))  # ablated rules index every slot (learned logits)
+  # Ablated rules index every slot (learned logits): one run, which reads the whole buffer.
+  runs = schedule.segments(segments if rule.is_default else 1, two_phase=two_phase)
   return _attnres_loop(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, unroll, runs,
                        layer_params, depth_LxK, embedding_BxTxD, consts)
 
