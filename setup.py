@@ -23,6 +23,9 @@ setup(
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
         "tqdm>=4.66",
+        "tokenizers>=0.21",
+        "pyarrow>=17",
+        "zstandard>=0.23",
     ],
     extras_require={
         "dev": ["pytest>=8", "jax[tpu]>=0.10.2,<0.13"],  # libtpu: the tests compile for TPU slices ahead of time

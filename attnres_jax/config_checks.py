@@ -5,6 +5,8 @@ from typing import Any
 
 import jax
 
+from attnres_jax.data.corpus import TOKENIZERS as STDLIB_TOKENIZERS
+from attnres_jax.data.sources import SOURCES
 from attnres_jax.kernels.depth_attention_op import IMPLS
 from attnres_jax.model.attention_kernels import IMPLS as ATTENTION_IMPLS
 from attnres_jax.residuals.hyper_connections import RESIDUAL_MIXINGS
@@ -13,7 +15,6 @@ from attnres_jax.residuals.remat import REMAT_POLICIES
 from attnres_jax.train.optim import SCHEDULES
 
 RESIDUALS = ("prenorm", "full", "block", "mhc")
-SOURCES = ("stdlib", "token_files")
 DTYPES = ("float32", "bfloat16", "float64")  # float64 needs jax_enable_x64 (gradient checks)
 # Depth-attention fields, which must keep these values where there is no depth attention (prenorm, mhc).
 DEPTH_DEFAULTS = {"depth_key_norm": True, "depth_normalization": "softmax", "depth_heads": 1, "depth_window": 0,
@@ -31,9 +32,12 @@ def _check_positive_ints(section: str, fields: Mapping[str, Any], names: tuple[s
       _fail(field, value, "must be a positive integer", section)
 
 
-def check_model_config(model: Mapping[str, Any]) -> None:
-  """Raises ValueError for the first invalid field of a model config."""
-  _check_positive_ints("model", model, ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "d_ff"))
+def check_model_config(model: Mapping[str, Any], *, vocab_from_data: bool = False) -> None:
+  """Raises ValueError for the first invalid field of a model config (`vocab_from_data`: vocab_size may be
+  0, the data's)."""
+  if not (vocab_from_data and model["vocab_size"] == 0):
+    _check_positive_ints("model", model, ("vocab_size",))
+  _check_positive_ints("model", model, ("num_layers", "d_model", "num_heads", "num_kv_heads", "d_ff"))
   if model["residual"] not in RESIDUALS:
     _fail("residual", model["residual"], f"must be one of {RESIDUALS}")
   num_sublayers = 2 * model["num_layers"]
@@ -131,7 +135,7 @@ def check_platform(model: Mapping[str, Any], platform: str) -> None:
 
 def check_run_config(config: Mapping[str, Any], process_count: int = 1, platform: str = "cpu") -> None:
   """Checks `config.model`, `config.data`, `config.optim` and `config.train` of a training run on `platform`."""
-  check_model_config(config["model"])
+  check_model_config(config["model"], vocab_from_data=True)
   check_platform(config["model"], platform)
   if "float64" in (config["model"]["dtype"], config["model"]["param_dtype"]) and not jax.config.jax_enable_x64:
     _fail("dtype", config["model"]["dtype"], "float64 needs JAX_ENABLE_X64=1 in the environment (else jax "
@@ -146,6 +150,15 @@ def check_run_config(config: Mapping[str, Any], process_count: int = 1, platform
   _check_positive_ints("data", data, ("seq_len", "global_batch_size"))
   if not 0 < data["val_fraction"] < 1:
     _fail("val_fraction", data["val_fraction"], "must be in (0, 1)", "data")
+  if data["tokenizer"] not in STDLIB_TOKENIZERS:
+    _fail("tokenizer", data["tokenizer"], f"must be one of {STDLIB_TOKENIZERS}", "data")
+  if data["tokenizer"] != "bytes" and data["source"] != "stdlib":
+    _fail("tokenizer", data["tokenizer"], "applies to source=stdlib (token files bring their own tokenizer)", "data")
+  if not isinstance(data["bpe_vocab_size"], int) or not 257 < data["bpe_vocab_size"]:
+    _fail("bpe_vocab_size", data["bpe_vocab_size"], "must be an integer > 257 (256 byte symbols, the "
+          "end-of-document token, merges)", "data")
+  if not isinstance(data["document_masking"], bool):
+    _fail("document_masking", data["document_masking"], "must be True or False", "data")
   _check_positive_ints("optim", optim, ("grad_accum_steps",))
   if data["global_batch_size"] % (process_count * optim["grad_accum_steps"]):
     _fail("global_batch_size", data["global_batch_size"],

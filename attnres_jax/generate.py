@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnres_jax.model import Transformer
+from attnres_jax.model.transformer import Transformer
 from attnres_jax.model.kv_cache import KVCache
 
 Array = jax.Array
@@ -21,11 +21,13 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-  """temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+  """temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off; ids from `num_ids` on (a
+  vocabulary padded beyond the tokenizer's) are never drawn, 0 = none excluded."""
 
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
+  num_ids: int = 0
 
   def __post_init__(self):
     if self.temperature < 0:
@@ -34,11 +36,15 @@ class Sampling:
       raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+    if self.num_ids < 0:
+      raise ValueError(f"num_ids must be >= 0 (0 = every id), got {self.num_ids}")
 
 
 def sample_tokens(logits_BxV: Array, key: Array, sampling: Sampling) -> Array:
   """One token id per row `[B]` drawn from `logits_BxV` under `sampling`."""
   logits_BxV = logits_BxV.astype(jnp.float32)
+  if sampling.num_ids:
+    logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < sampling.num_ids, logits_BxV, -jnp.inf)
   if sampling.temperature == 0:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   logits_BxV = logits_BxV / sampling.temperature

@@ -1,11 +1,13 @@
 """Generates text from a trained workdir: `python -m attnres_jax.sample --workdir=DIR --prompt="def "`.
 
-Loads the workdir's saved config (`config.json`) and its latest checkpoint,
-encodes the prompt as UTF-8 bytes (the byte-level corpora of
-`attnres_jax.data`), and streams the sampled continuation to stdout.
+Loads the workdir's saved config (`config.json`), its tokenizer (`tokenizer/`,
+saved by training: bytes, a BPE, a user's `tokenizer.json`) and its latest
+checkpoint, encodes the prompt (an empty prompt starts a new document from the
+end-of-document token), and streams the decoded continuation to stdout as it
+is sampled (a character appears once its bytes and merges are complete),
+stopping at the end of the document unless told otherwise.
 """
 
-import codecs
 import json
 import os
 import sys
@@ -18,16 +20,19 @@ from flax import nnx
 
 from attnres_jax import cli
 from attnres_jax.config_checks import check_model_config
-from attnres_jax.data.corpus import VOCAB_SIZE
+from attnres_jax.data import corpus
+from attnres_jax.data.tokenizer import WORKDIR_TOKENIZER, ByteTokenizer, Tokenizer, load_saved_tokenizer
 from attnres_jax.generate import Generator, Sampling
 from attnres_jax.sharding import make_mesh
 from attnres_jax.train.checkpoint import Checkpointer
 from attnres_jax.train.optim import make_optimizer
+from attnres_jax.train.resume import complete_saved_config
 from attnres_jax.train.state import abstract_train_state
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (config.json and checkpoints/).")
 _PROMPT = flags.DEFINE_string("prompt", "def ", "Text the generation continues.")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 200, "Tokens (bytes) to generate.", lower_bound=0)
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate at most.", lower_bound=0)
+_STOP_AT_EOD = flags.DEFINE_boolean("stop_at_eod", True, "Stop at the end-of-document token (else go on past it).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 is greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens; 0 = all.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Keep the smallest set of tokens with this probability mass; 1 = all.")
@@ -35,11 +40,6 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _WINDOW = flags.DEFINE_integer("window", 0, "Attention span of the KV cache; 0 = the training seq_len.",
                                lower_bound=0)
 flags.mark_flag_as_required("workdir")
-
-
-# Fields added to the config after workdirs were first written, and the value that reproduces those runs.
-ADDED_FIELDS = {"model": {"attention_impl": "xla", "unroll_layers": False, "depth_scan_segments": 1},
-                "train": {"loss_chunk_size": 0, "profile_steps": ""}}
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -54,10 +54,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
       saved = json.load(f)
     except json.JSONDecodeError as error:
       raise ValueError(f"{path} is not valid JSON ({error}): not a config this project wrote") from error
-  for section, fields in ADDED_FIELDS.items():
-    if isinstance(saved.get(section), dict):
-      saved[section] = {**fields, **saved[section]}
-  config = ml_collections.ConfigDict(saved)
+  config = ml_collections.ConfigDict(complete_saved_config(saved))
   check_model_config(config.model)
   return config
 
@@ -92,27 +89,44 @@ def main(argv):
   sample(_WORKDIR.value)
 
 
+def workdir_tokenizer(workdir: str, config: ml_collections.ConfigDict) -> Tokenizer:
+  """The tokenizer training saved in the workdir; the stdlib bytes for workdirs older than that record."""
+  tokenizer = load_saved_tokenizer(os.path.join(workdir, WORKDIR_TOKENIZER))
+  if tokenizer is None and config.data.source == "stdlib" and config.data.tokenizer == "bytes":
+    tokenizer = ByteTokenizer(vocab_size=256, eod_id=corpus.BYTES_EOD_ID)
+  if tokenizer is None:
+    raise FileNotFoundError(f"{workdir} has no {WORKDIR_TOKENIZER}/spec.json, and its corpus does not say how to "
+                            f"decode (token files without a tokenizer record): resume the run once with this "
+                            f"version to save it")
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise ValueError(f"{workdir}: its tokenizer has {tokenizer.vocab_size} ids, the model "
+                     f"{config.model.vocab_size}")
+  return tokenizer
+
+
 def sample(workdir: str) -> None:
   """Prints the prompt and its sampled continuation."""
   config = load_run_config(workdir)
-  if config.model.vocab_size != VOCAB_SIZE:
-    raise ValueError(f"prompts are encoded as UTF-8 bytes, but this model has vocab_size="
-                     f"{config.model.vocab_size} (trained on another tokenizer's token files)")
-  sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-  prompt_1xP = np.frombuffer(_PROMPT.value.encode("utf-8"), np.uint8).astype(np.int32)[None]
+  tokenizer = workdir_tokenizer(workdir, config)
+  sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, num_ids=tokenizer.vocab_size)
+  prompt_ids = tokenizer.encode_batch([_PROMPT.value.encode("utf-8")])[0] if _PROMPT.value else [tokenizer.eod_id]
+  prompt_1xP = np.asarray(prompt_ids, np.int32)[None]
   window = _WINDOW.value or config.data.seq_len
   if not 1 <= prompt_1xP.shape[1] <= window:
-    raise ValueError(f"the prompt is {prompt_1xP.shape[1]} bytes; it must be 1 to {window} (the context, "
+    raise ValueError(f"the prompt is {prompt_1xP.shape[1]} tokens; it must be 1 to {window} (the context, "
                      f"--window or the training seq_len)")
   model, step = load_model(workdir, config)
   print(f"# {config.model.residual} model at step {step} (parameters only, on 1 device), {sampling}",
         file=sys.stderr, flush=True)
-  decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+  decode = tokenizer.stream_decoder()
   sys.stdout.write(_PROMPT.value)
   for tokens_1 in Generator(model, window, sampling).generate(prompt_1xP, _MAX_NEW_TOKENS.value, _SEED.value):
-    sys.stdout.write(decoder.decode(bytes([int(tokens_1[0])])))
+    token = int(tokens_1[0])
+    if token == tokenizer.eod_id and _STOP_AT_EOD.value:
+      break
+    sys.stdout.write(decode(token))
     sys.stdout.flush()
-  sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+  sys.stdout.write("\n")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   config.model = model = ml_collections.ConfigDict()
-  model.vocab_size = 256  # tokens; 256 for the byte-level corpus
+  model.vocab_size = 256  # tokens; 0 = the data's (metadata.json); 256 for the stdlib bytes
   model.num_layers = 4  # transformer layers L_b; AttnRes sublayers L = 2 * L_b
   model.d_model = 128  # residual width d
   model.num_heads = 4  # query heads; must divide d_model unless head_dim is set
@@ -56,10 +56,14 @@ def get_config() -> ml_collections.ConfigDict:
   data.source = "stdlib"  # stdlib (this interpreter's standard library, bytes) | token_files
   data.path = ""  # token-files directory (source=token_files), see attnres_jax/data/token_files.py
   data.cache_dir = ""  # where the stdlib corpus is tokenised once; "" = ~/.cache/attnres_jax
+  data.tokenizer = "bytes"  # stdlib corpus: bytes (vocab 256) | bpe (trained on its train split, cached)
+  data.bpe_vocab_size = 4096  # stdlib corpus, tokenizer=bpe: ids of the BPE (set model.vocab_size to 0 or this)
   data.val_fraction = 0.02  # share of files (by path hash) in the validation split
   data.seq_len = 128  # tokens per training window (the model sees seq_len, predicts seq_len)
   data.global_batch_size = 16  # sequences per optimiser step, over all processes
   data.seed = 0  # window shuffling seed
+  # stop token attention across end-of-document tokens inside a window (segment ids); docs/method.md §14
+  data.document_masking = False
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.peak_lr = 3e-3  # learning rate after warmup

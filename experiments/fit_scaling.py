@@ -59,12 +59,16 @@ def compute_multiplier(variant: PowerLaw, baseline: PowerLaw, target_loss: float
   return float(baseline.compute_for(target_loss) / variant.compute_for(target_loss))
 
 
-def read_points(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """`variant -> (compute, loss)` from a CSV with columns variant, compute, loss."""
+def read_points(path: str, metric: str = "loss") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """`variant -> (compute, metric)` from a CSV with columns variant, compute and `metric` (loss, or
+  bits_per_byte: comparable across tokenizers)."""
   points: dict[str, list[tuple[float, float]]] = {}
   with open(path, newline="", encoding="utf-8") as f:
-    for row in csv.DictReader(f):
-      points.setdefault(row["variant"], []).append((float(row["compute"]), float(row["loss"])))
+    for line, row in enumerate(csv.DictReader(f), start=2):
+      if not row.get(metric):
+        raise ValueError(f"{path}:{line}: no {metric} value (runs on corpora without byte counts have no "
+                         f"bits_per_byte)")
+      points.setdefault(row["variant"], []).append((float(row["compute"]), float(row[metric])))
   return {variant: tuple(np.array(column) for column in zip(*rows)) for variant, rows in points.items()}
 
 
@@ -93,10 +97,12 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--baseline", default="prenorm", help="the variant every multiplier is against")
   parser.add_argument("--target_loss", type=float, default=None,
                       help="loss of the multipliers (default: the baseline's loss at its largest compute)")
+  parser.add_argument("--metric", default="loss", choices=("loss", "bits_per_byte"),
+                      help="the CSV column fitted (bits_per_byte compares runs with different tokenizers)")
   parser.add_argument("--out", default="", help="log-log plot to write (PNG)")
   parser.add_argument("--compute_unit", default="FLOPs")
   args = parser.parse_args(argv)
-  points = read_points(args.csv)
+  points = read_points(args.csv, args.metric)
   if args.baseline not in points:
     raise SystemExit(f"error: no baseline {args.baseline!r} in {args.csv}; variants: {sorted(points)}")
   fits = {variant: fit_power_law(*xy) for variant, xy in points.items()}

@@ -140,14 +140,16 @@ def runs_and_seeds(sweep: Sweep, shard: tuple[int, int] = (0, 1)) -> list[tuple[
 
 
 def run_result(run: Run, seed: int, workdir: str) -> dict[str, Any]:
-  """A finished run's final validation (`loss`) and train losses, tokens and training FLOPs (`compute`)."""
+  """A finished run's final validation loss (`loss`, and `bits_per_byte` where the corpus records its bytes,
+  else ""), train loss, tokens and training FLOPs (`compute`)."""
   records = read_metrics(workdir)
   last = lambda split: [r for r in records if r["split"] == split][-1]
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
     config = ml_collections.ConfigDict(json.load(f))
   tokens = last("eval")["step"] * config.data.global_batch_size * config.data.seq_len
   return {"name": run.name, "variant": run.variant or run.name, "seed": seed, "step": last("eval")["step"],
-          "loss": last("eval")["loss"], "train_loss": last("train")["loss"], "tokens": tokens,
+          "loss": last("eval")["loss"], "bits_per_byte": last("eval").get("bits_per_byte", ""),
+          "train_loss": last("train")["loss"], "tokens": tokens,
           "compute": tokens * train_flops_per_token(config.model, config.data.seq_len)}
 
 

@@ -31,9 +31,9 @@ def qkv(batch=2, seq_len=256, heads=4, kv_heads=2, head_dim=16, dtype=jnp.float3
 
 def loss_and_grads(impl):
   """A fixed random-looking weighting of the attention output (each entry its own cotangent), the output, and
-  the gradients in (q, k, v)."""
-  def loss(q, k, v):
-    o = causal_attention(q, k, v, impl=impl)
+  the gradients in (q, k, v); segment ids may follow them."""
+  def loss(q, k, v, segment_ids_BxT=None):
+    o = causal_attention(q, k, v, impl=impl, segment_ids_BxT=segment_ids_BxT)
     return jnp.sum(o.astype(jnp.float32) * jnp.cos(jnp.arange(o.size).reshape(o.shape))), o
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 

@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 from attnres_jax.data import corpus, eval_batches, load_splits, token_files, train_iterator
+from attnres_jax.data.documents import InputSpec, in_validation, list_files
+from attnres_jax.data.prepare import prepare_corpus
 from attnres_jax.data.token_files import TokenFileWriter, open_token_files, write_token_files
+from attnres_jax.data.tokenizer import ByteTokenizer, tokenizer_from_metadata
 
 RNG = np.random.default_rng(0)
 
@@ -35,15 +38,23 @@ def documented_split(rel_path: str, val_fraction: float) -> str:
   return "val" if bucket < val_fraction * 10_000 else "train"
 
 
-def expected_tokens(files: dict[str, bytes], val_fraction: float) -> dict[str, np.ndarray]:
-  streams = {"train": b"", "val": b""}
+def expected_tokens(files: dict[str, bytes], val_fraction: float, eod_id: int = 0) -> dict[str, np.ndarray]:
+  streams = {"train": [], "val": []}
   for rel_path in sorted(files):
-    streams[documented_split(rel_path, val_fraction)] += files[rel_path] + b"\0"
-  return {split: np.frombuffer(data, np.uint8) for split, data in streams.items()}
+    streams[documented_split(rel_path, val_fraction)] += list(files[rel_path]) + [eod_id]
+  return {split: np.array(ids, np.int64) for split, ids in streams.items()}
+
+
+def build_byte_corpus(root: str, rel_paths, output_dir: str, val_fraction: float) -> dict:
+  """The stdlib corpus's tokenisation (bytes as they are, end of document 0) of any directory."""
+  return prepare_corpus(InputSpec(root, tuple(rel_paths), errors="keep"), output_dir,
+                        ByteTokenizer(vocab_size=256, eod_id=0), val_fraction=val_fraction, workers=0,
+                        provenance={}, show_progress=False)
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict(dict(source="token_files", path="", cache_dir="", val_fraction=0.02))
+  config = ml_collections.ConfigDict(dict(source="token_files", path="", cache_dir="", val_fraction=0.02,
+                                          tokenizer="bytes", bpe_vocab_size=4096))
   config.update(overrides)
   return config
 
@@ -57,17 +68,19 @@ def test_prepare_data_round_trip(tmp_path):
   out = tmp_path / "out"
   subprocess.run([sys.executable, "-m", "attnres_jax.data.prepare_data", f"--input_dir={tmp_path / 'in'}",
                   f"--output_dir={out}", "--val_fraction=0.3", "--extensions=.txt"], check=True)
-  splits = load_splits(data_config(path=str(out)), vocab_size=256)
-  expected = expected_tokens(files, 0.3)
+  splits = load_splits(data_config(path=str(out)), vocab_size=257)
+  expected = expected_tokens(files, 0.3, eod_id=256)  # bytes, then the reserved end-of-document id
   assert expected["train"].size and expected["val"].size
   np.testing.assert_array_equal(splits.train, expected["train"])
   np.testing.assert_array_equal(splits.val, expected["val"])
-  provenance = splits.metadata["provenance"]
-  assert sum(provenance["files"].values()) == len(files)
-  assert sum(provenance["bytes"].values()) == sum(map(len, files.values()))
-  assert splits.metadata["dtype"] == "uint16" and splits.metadata["vocab_size"] == 256
-  assert splits.metadata["sha256"]["train"] == hashlib.sha256((out / "train.bin").read_bytes()).hexdigest()
-  assert splits.metadata["max_token_id"] == {split: int(tokens.max()) for split, tokens in expected.items()}
+  metadata = splits.metadata
+  assert sum(metadata["documents"].values()) == len(files)
+  assert sum(metadata["num_bytes"].values()) == sum(map(len, files.values()))
+  assert metadata["dtype"] == "uint16" and metadata["vocab_size"] == 257
+  assert metadata["tokenizer"] == {"kind": "bytes", "vocab_size": 257, "eod_id": 256, "eod_token": None,
+                                   "file": None}
+  assert metadata["sha256"]["train"] == hashlib.sha256((out / "train.bin").read_bytes()).hexdigest()
+  assert metadata["max_token_id"] == {split: int(tokens.max()) for split, tokens in expected.items()}
 
 
 def test_split_is_per_path_and_stable(tmp_path):
@@ -76,18 +89,16 @@ def test_split_is_per_path_and_stable(tmp_path):
   more = {**files, "zzz/new.txt": b"new"}
   write_tree(tmp_path / "in2", more)
   for name, tree in (("in", files), ("in2", more)):
-    rel_paths = corpus.list_files(str(tmp_path / name), (".txt",))
+    rel_paths = list_files(str(tmp_path / name), (".txt",))
     assert rel_paths == sorted(tree)
-    metadata = corpus.build_byte_corpus(str(tmp_path / name), rel_paths, str(tmp_path / f"out_{name}"),
-                                        val_fraction=0.25, provenance={})
-    assert metadata["sha256"] == corpus.build_byte_corpus(  # rebuilding gives the same bytes
-        str(tmp_path / name), rel_paths, str(tmp_path / f"out_{name}"), val_fraction=0.25,
-        provenance={})["sha256"]
-    assert all(corpus.in_validation(path, 0.25) == (documented_split(path, 0.25) == "val") for path in tree)
+    metadata = build_byte_corpus(str(tmp_path / name), rel_paths, str(tmp_path / f"out_{name}"), 0.25)
+    assert metadata["sha256"] == build_byte_corpus(  # rebuilding gives the same bytes
+        str(tmp_path / name), rel_paths, str(tmp_path / f"out_{name}"), 0.25)["sha256"]
+    assert all(in_validation(path, 0.25) == (documented_split(path, 0.25) == "val") for path in tree)
   # adding a file leaves every other file in its split
   first = open_token_files(str(tmp_path / "out_in"), vocab_size=256)
   second = open_token_files(str(tmp_path / "out_in2"), vocab_size=256)
-  grown = "val" if corpus.in_validation("zzz/new.txt", 0.25) else "train"
+  grown = "val" if in_validation("zzz/new.txt", 0.25) else "train"
   for split in ("train", "val"):
     extra = np.frombuffer(b"new\0", np.uint8) if split == grown else np.zeros(0, np.uint8)
     np.testing.assert_array_equal(getattr(second, split), np.concatenate([getattr(first, split), extra]))
@@ -95,9 +106,8 @@ def test_split_is_per_path_and_stable(tmp_path):
 
 def test_build_refuses_an_empty_split_and_leaves_no_output(tmp_path):
   write_tree(tmp_path / "in", {"only.txt": b"hello"})
-  with pytest.raises(ValueError, match="no file in the"):
-    corpus.build_byte_corpus(str(tmp_path / "in"), ["only.txt"], str(tmp_path / "out"), val_fraction=0.02,
-                             provenance={})
+  with pytest.raises(ValueError, match="no document in the"):
+    build_byte_corpus(str(tmp_path / "in"), ["only.txt"], str(tmp_path / "out"), 0.02)
   assert sorted(os.listdir(tmp_path)) == ["in"]  # neither the target nor a temporary directory
 
 
@@ -145,8 +155,8 @@ def fake_stdlib(tmp_path, monkeypatch):
 
 def test_stdlib_corpus_is_built_once_and_cached(tmp_path, monkeypatch, fake_stdlib):
   builds = []
-  build = corpus.build_byte_corpus
-  monkeypatch.setattr(corpus, "build_byte_corpus", lambda *args, **kwargs: builds.append(1) or build(*args, **kwargs))
+  build = corpus.prepare_corpus
+  monkeypatch.setattr(corpus, "prepare_corpus", lambda *args, **kwargs: builds.append(1) or build(*args, **kwargs))
   config = data_config(source="stdlib", cache_dir=str(tmp_path / "cache"), val_fraction=0.3)
   first = load_splits(config, vocab_size=256)
   train_bin = next((tmp_path / "cache").glob("stdlib-*")) / "train.bin"
@@ -161,17 +171,43 @@ def test_stdlib_corpus_is_built_once_and_cached(tmp_path, monkeypatch, fake_stdl
   assert len(builds) == 2  # a different corpus: rebuilt
 
 
+def test_stdlib_bpe_corpus_is_cached_beside_the_bytes(tmp_path, fake_stdlib):
+  config = data_config(source="stdlib", cache_dir=str(tmp_path / "cache"), val_fraction=0.3, tokenizer="bpe",
+                       bpe_vocab_size=300)
+  splits = load_splits(config, vocab_size=300)
+  assert os.path.basename(splits.directory).endswith("-bpe300")
+  assert splits.metadata["tokenizer"]["kind"] == "huggingface" and splits.metadata["vocab_size"] == 300
+  assert splits.train.size < splits.metadata["num_bytes"]["train"]  # subword tokens
+  mtime = os.stat(os.path.join(splits.directory, "train.bin")).st_mtime_ns
+  load_splits(config, vocab_size=300)
+  assert os.stat(os.path.join(splits.directory, "train.bin")).st_mtime_ns == mtime  # cached
+  byte_splits = load_splits(data_config(source="stdlib", cache_dir=str(tmp_path / "cache"), val_fraction=0.3),
+                            vocab_size=256)
+  np.testing.assert_array_equal(byte_splits.train, expected_tokens(fake_stdlib, 0.3)["train"])
+
+
+def test_legacy_byte_corpus_decodes_and_gives_bits_per_byte(tmp_path):
+  """Byte corpora written before tokenizer records: the provenance's separator and bytes serve."""
+  metadata = {"vocab_size": 256, "provenance": {"tokenizer": "bytes", "separator": 0, "bytes": {"train": 9,
+                                                                                                "val": 4}}}
+  tokenizer = tokenizer_from_metadata(metadata, str(tmp_path), where="test")
+  assert (tokenizer.vocab_size, tokenizer.eod_id) == (256, 0)
+  assert tokenizer.decode([104, 105, 0]) == "hi"
+  assert token_files.text_bytes(metadata) == {"train": 9, "val": 4}
+
+
 def test_real_stdlib_corpus(tmp_path):
   splits = load_splits(data_config(source="stdlib", cache_dir=str(tmp_path)), vocab_size=256)
   provenance = splits.metadata["provenance"]
   assert provenance["source_dir"] == corpus.stdlib_dir()
-  rel_paths = corpus.list_files(corpus.stdlib_dir(), (".py",), corpus.STDLIB_EXCLUDED_DIRS)
+  rel_paths = list_files(corpus.stdlib_dir(), (".py",), corpus.STDLIB_EXCLUDED_DIRS)
   assert "os.py" in rel_paths and "json/decoder.py" in rel_paths
   assert not any({"site-packages", "dist-packages"} & set(path.split("/")) for path in rel_paths)
-  assert sum(provenance["files"].values()) + provenance["skipped_files"] == len(rel_paths)
+  assert sum(splits.metadata["documents"].values()) == len(rel_paths)
   for split in ("train", "val"):
     tokens = getattr(splits, split)
-    assert tokens.size == provenance["bytes"][split] + provenance["files"][split]  # one separator per file
+    # one end-of-document id per file
+    assert tokens.size == splits.metadata["num_bytes"][split] + splits.metadata["documents"][split]
     assert int(tokens.max()) < 256
   assert splits.val.size < 0.1 * splits.train.size
 

@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 from attnres_jax.generate import Generator, Sampling, sample_tokens
-from attnres_jax.sample import ADDED_FIELDS, load_model, load_run_config
+from attnres_jax.sample import load_model, load_run_config
+from attnres_jax.train.resume import ADDED_FIELDS
 from attnres_jax.train.checkpoint import Checkpointer
 from attnres_jax.model import kv_cache, transformer
 from attnres_jax.train.loop import train_and_evaluate
@@ -140,7 +141,7 @@ def test_sample_cli_errors(trained_workdir, tmp_path):
 
 
 def test_a_workdir_written_before_newer_config_fields_still_loads(trained_workdir, tmp_path):
-  """A config.json without the fields added since (`sample.ADDED_FIELDS`) loads with the values that
+  """A config.json without the fields added since (`resume.ADDED_FIELDS`) loads with the values that
   reproduce its run."""
   shutil.copytree(trained_workdir, tmp_path / "old")
   path = tmp_path / "old" / "config.json"

@@ -44,3 +44,13 @@ def test_cli_prints_fits_and_draws_the_plot(tmp_path, capsys):
   assert f"{multiplier:.3f}" in printed
   with pytest.raises(ValueError, match="distinct compute"):
     fit_scaling.fit_power_law([1.0, 1.0, 2.0], [3.0, 3.0, 2.0])
+
+
+def test_points_can_be_bits_per_byte(tmp_path):
+  path = tmp_path / "results.csv"
+  path.write_text("variant,compute,loss,bits_per_byte\nprenorm,1e15,2.0,0.9\nprenorm,1e16,1.5,0.7\nfull,1e15,1.9,\n")
+  with pytest.raises(ValueError, match="results.csv:4: no bits_per_byte value"):
+    fit_scaling.read_points(str(path), "bits_per_byte")
+  path.write_text("variant,compute,loss,bits_per_byte\nprenorm,1e15,2.0,0.9\nprenorm,1e16,1.5,0.7\n")
+  np.testing.assert_array_equal(fit_scaling.read_points(str(path), "bits_per_byte")["prenorm"][1], [0.9, 0.7])
+  np.testing.assert_array_equal(fit_scaling.read_points(str(path))["prenorm"][1], [2.0, 1.5])

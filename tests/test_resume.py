@@ -13,7 +13,7 @@ from attnres_jax.train.checkpoint import CheckpointRestoreError, Checkpointer
 from attnres_jax.train.loop import train_and_evaluate
 from attnres_jax.train.metrics import read_metrics
 from attnres_jax.train.optim import make_optimizer
-from attnres_jax.train.resume import check_resume
+from attnres_jax.train.resume import ADDED_FIELDS, check_resume
 from attnres_jax.train.state import abstract_train_state
 from configs import smoke
 
@@ -55,6 +55,17 @@ def test_changes_that_alter_the_run_are_refused_together():
                 "model.d_model: 32 -> 64"):
     assert field in message
   assert "resume_accept_changes=data.global_batch_size,data.seq_len,model.d_model,optim.peak_lr" in message
+
+
+def test_a_checkpoint_older_than_new_fields_resumes_at_their_old_values():
+  saved, current = saved_and_current()
+  for section, fields in ADDED_FIELDS.items():
+    for field in fields:
+      del saved[section][field]
+  assert check_resume(saved, current, step=4) == []
+  current.data.document_masking = True  # not the old behaviour: refused
+  with pytest.raises(ValueError, match="data.document_masking: False -> True"):
+    check_resume(saved, current, step=4)
 
 
 def test_fields_listed_on_purpose_go_through():

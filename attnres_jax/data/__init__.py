@@ -1,7 +1,16 @@
-"""Token data: the byte-level stdlib corpus, token-files directories, and grain pipelines."""
+"""Token data: documents, tokenizers, token-files directories, the stdlib corpus and grain pipelines.
 
-from attnres_jax.data.pipeline import eval_batches, train_iterator
-from attnres_jax.data.sources import load_splits
-from attnres_jax.data.token_files import TokenSplits
+Exports resolve on first use (see `attnres_jax/__init__.py`).
+"""
 
-__all__ = ["TokenSplits", "eval_batches", "load_splits", "train_iterator"]
+import importlib
+
+_EXPORTS = {"TokenSplits": "attnres_jax.data.token_files", "eval_batches": "attnres_jax.data.pipeline",
+            "train_iterator": "attnres_jax.data.pipeline", "load_splits": "attnres_jax.data.sources"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'attnres_jax.data' has no attribute {name!r}")
+  return getattr(importlib.import_module(_EXPORTS[name]), name)

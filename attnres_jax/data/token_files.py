@@ -20,18 +20,30 @@ Format: a directory holding
     (`sha256sum train.bin` gives the same),
   - `provenance` (object): free-form description of where the tokens came from.
 
+`prepare_data` also writes
+  - `tokenizer` (object): the tokenizer's record (`tokenizer.py`: `kind`,
+    `vocab_size`, `eod_id`, `eod_token`, `file`, an HF `tokenizer.json` in the
+    directory); `sample` decodes with it, and document masking finds the
+    end-of-document id in it,
+  - `num_bytes` (`{"train": int, "val": int}`): UTF-8 bytes of the text of each
+    split, from which validation reports bits per byte,
+  - `documents` (`{"train": int, "val": int}`).
+
 Any tokenizer can produce this format (`write_token_files` takes numpy arrays);
-`prepare_data.py` makes it from a directory of text files, byte-level. The
-writer builds the directory under a temporary name next to the target and
-renames it into place when complete, so a killed write never leaves a
-half-written directory at the target path. `open_token_files` memory-maps the
-splits and checks them against the metadata and the model's vocabulary.
+`prepare_data.py` makes it from text, JSON Lines or Parquet files. The
+writer builds the directory under a temporary name next to the target,
+`.<name>.tmp-<pid>-*`, and renames it into place when complete, so a killed
+write never leaves a half-written directory at the target path; the next
+writer of that target deletes the temporary directories of writers no longer
+running. `open_token_files` memory-maps the splits and checks them against
+the metadata and the model's vocabulary.
 """
 
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -48,11 +60,21 @@ SCAN_CHUNK_BYTES = 1 << 26  # at a time, reading all of a split whose metadata h
 
 
 class TokenSplits(NamedTuple):
-  """The token ids of both splits (read-only memmaps, 1-D) and the directory's metadata."""
+  """The token ids of both splits (read-only memmaps, 1-D), the directory's metadata and its path."""
 
   train: np.ndarray
   val: np.ndarray
   metadata: dict[str, Any]
+  directory: str
+
+
+def text_bytes(metadata: Mapping[str, Any]) -> dict[str, int] | None:
+  """UTF-8 bytes of each split's text: `num_bytes`, or the `bytes` of older byte corpora's provenance."""
+  recorded = metadata.get("num_bytes") or (metadata.get("provenance") or {}).get("bytes")
+  if isinstance(recorded, dict) and all(isinstance(recorded.get(split), int) and recorded[split] > 0
+                                        for split in SPLITS):
+    return {split: recorded[split] for split in SPLITS}
+  return None
 
 
 def dtype_for_vocab(vocab_size: int) -> str:
@@ -86,15 +108,11 @@ class TokenFileWriter:
     self._max_token_id = dict.fromkeys(SPLITS, 0)
 
   def __enter__(self) -> "TokenFileWriter":
-    if os.path.exists(self.directory) and not os.path.isdir(self.directory):
-      raise FileExistsError(f"{self.directory} is a file, not a token-files directory; refusing to replace it")
-    if os.path.isdir(self.directory) and os.listdir(self.directory) and not os.path.isfile(
-        os.path.join(self.directory, METADATA)):
-      raise FileExistsError(f"{self.directory} exists and is not a token-files directory "
-                            f"(no {METADATA}); refusing to replace it")
+    check_replaceable(self.directory)
     parent, name = os.path.split(self.directory)
     os.makedirs(parent, exist_ok=True)
-    self._temp_dir = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    remove_abandoned_builds(parent, name)
+    self._temp_dir = tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=parent)
     self._files = {split: open(split_file(self._temp_dir, split), "wb") for split in SPLITS}
     return self
 
@@ -115,8 +133,18 @@ class TokenFileWriter:
     self._hashes[split].update(data)
     self._num_tokens[split] += tokens.size
 
-  def commit(self, provenance: Mapping[str, Any]) -> dict[str, Any]:
-    """Writes `metadata.json`, moves the directory into place and returns the metadata."""
+  @property
+  def staging_dir(self) -> str:
+    """The directory being built: files written here (a tokenizer's) are published with the token files."""
+    return self._temp_dir
+
+  @property
+  def num_tokens(self) -> dict[str, int]:
+    return dict(self._num_tokens)
+
+  def commit(self, provenance: Mapping[str, Any], **fields: Any) -> dict[str, Any]:
+    """Writes `metadata.json` (with `fields` at its top level), moves the directory into place and returns
+    the metadata."""
     for file in self._files.values():
       file.flush()
       os.fsync(file.fileno())
@@ -128,6 +156,7 @@ class TokenFileWriter:
         "max_token_id": dict(self._max_token_id),
         "sha256": {split: digest.hexdigest() for split, digest in self._hashes.items()},
         "provenance": dict(provenance),
+        **fields,
     }
     with open(os.path.join(self._temp_dir, METADATA), "w", encoding="utf-8") as file:
       json.dump(metadata, file, indent=2)
@@ -151,6 +180,35 @@ class TokenFileWriter:
       file.close()
     if self._temp_dir is not None:
       shutil.rmtree(self._temp_dir, ignore_errors=True)
+
+
+def check_replaceable(directory: str) -> None:
+  """Raises FileExistsError unless `directory` is absent, empty or a token-files directory."""
+  directory = os.path.abspath(os.path.expanduser(directory))
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise FileExistsError(f"{directory} is a file, not a token-files directory; refusing to replace it")
+  if os.path.isdir(directory) and os.listdir(directory) and not os.path.isfile(os.path.join(directory, METADATA)):
+    raise FileExistsError(f"{directory} exists and is not a token-files directory (no {METADATA}); refusing to "
+                          f"replace it")
+
+
+def remove_abandoned_builds(parent: str, name: str) -> None:
+  """Deletes the temporary directories that writers of `parent/name` killed before their commit left
+  (`.{name}.tmp-{pid}-*` of processes no longer running on this machine)."""
+  for entry in os.listdir(parent):
+    match = re.fullmatch(rf"\.{re.escape(name)}\.tmp-(\d+)-.*", entry)
+    if match and not _process_exists(int(match.group(1))):
+      shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, another user's
+    return True
+  return True
 
 
 def write_token_files(directory: str, train: np.ndarray, val: np.ndarray, *, vocab_size: int,
@@ -199,8 +257,8 @@ def _recorded_max_token_id(metadata: dict[str, Any], where: str) -> dict[str, in
 def open_token_files(directory: str, *, vocab_size: int, field: str = "config.data.path") -> TokenSplits:
   """Memory-maps both splits of a token-files directory, checked against the metadata.
 
-  `vocab_size` is the model's: the metadata's may not exceed it and no token id
-  may reach it. The ids are checked through the metadata's `max_token_id` and
+  `vocab_size` is the model's (0: the metadata's): the metadata's may not
+  exceed it and no token id may reach it. The ids are checked through the metadata's `max_token_id` and
   a sample of each file; without it, by reading both splits in full. Errors
   name `field`, the config value that chose `directory`.
   """
@@ -221,9 +279,10 @@ def open_token_files(directory: str, *, vocab_size: int, field: str = "config.da
   if metadata["dtype"] not in DTYPES:
     raise ValueError(f"{where}: {METADATA} dtype={metadata['dtype']!r} must be one of {tuple(DTYPES)}")
   data_vocab_size = metadata["vocab_size"]
-  if data_vocab_size > vocab_size:
+  if vocab_size and data_vocab_size > vocab_size:
     raise ValueError(f"{where}: {METADATA} vocab_size={data_vocab_size} exceeds "
-                     f"config.model.vocab_size={vocab_size}")
+                     f"config.model.vocab_size={vocab_size}; set it to {data_vocab_size}, or to 0 to take the "
+                     f"data's")
   dtype = DTYPES[metadata["dtype"]]
   recorded = _recorded_max_token_id(metadata, where)
   scanned, splits = {}, {}
@@ -261,4 +320,4 @@ def open_token_files(directory: str, *, vocab_size: int, field: str = "config.da
     logging.warning("%s: %s has no max_token_id, so both splits were read in full to check their token ids; "
                     "add \"max_token_id\": %s to it to check them from the metadata at every start", where,
                     METADATA, json.dumps(scanned))
-  return TokenSplits(splits["train"], splits["val"], metadata)
+  return TokenSplits(splits["train"], splits["val"], metadata, directory)

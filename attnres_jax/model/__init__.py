@@ -1,3 +1,1 @@
-"""The scanned transformer and its building blocks."""
-
-from attnres_jax.model.transformer import Transformer
+"""The scanned transformer (`transformer.py`) and its building blocks."""

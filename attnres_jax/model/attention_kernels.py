@@ -8,16 +8,23 @@
   heads are passed as they are (the kernel maps query head n to KV head
   n // (N / K)); nothing is repeated. T must be a multiple of 128.
 - `cudnn`: cuDNN's fused attention through `jax.nn.dot_product_attention`
-  (NVIDIA GPUs, float16 / bfloat16).
+  (NVIDIA GPUs, float16 / bfloat16). With segment ids, jax hands cuDNN the
+  mask as a dense additive bias `[B, 1, T, T]` (and computes its unused
+  gradient), so that case holds T^2 values per example, once for all heads.
 - `auto`: splash on TPU (xla where T is not a multiple of 128), cudnn on GPU
   (xla for float32 and float64), xla elsewhere; by the platform being compiled
   for, which is the active mesh's (an ahead-of-time TPU compile on a CPU host)
   or else `jax.default_backend()`.
 
+Segment ids (document masking, docs/method.md §14) restrict attention further:
+position t attends to s <= t only where `segment_ids_BxT[s] == segment_ids_BxT[t]`;
+xla and cudnn get a boolean mask, splash the kernel's `SegmentIds`.
+
 A Mosaic kernel cannot be partitioned by GSPMD, so inside `sharding.activate`
-the splash call runs in `jax.shard_map`, each device on its own batch rows and,
-where the rules shard `activation_heads` and the mesh axes divide both the
-query and the KV heads, its own heads; the sequence is never split.
+the splash call runs in `jax.shard_map`, each device on its own batch rows (and
+their segment ids) and, where the rules shard `activation_heads` and the mesh
+axes divide both the query and the KV heads, its own heads; the sequence is
+never split.
 """
 
 import functools
@@ -37,15 +44,27 @@ SPLASH_BLOCKS = (512, 256, 128)  # splash tile sizes tried, largest first; the f
 _SHARD_NAMES = (axes.BATCH, None, axes.ACTIVATION_HEADS, None)
 
 
-def causal_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array, *, impl: str) -> Array:
-  """softmax(q k^T / sqrt(H) + causal mask) v, in the dtype of q; K divides N (grouped-query attention)."""
+def causal_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array, *, impl: str,
+                     segment_ids_BxT: Array | None = None) -> Array:
+  """softmax(q k^T / sqrt(H) + causal mask) v, in the dtype of q; K divides N (grouped-query attention).
+
+  With `segment_ids_BxT` (integers), the mask also keeps each position inside its own segment.
+  """
   if impl not in IMPLS:
     raise ValueError(f"attention_impl must be one of {IMPLS}, got {impl!r}")
   if impl == "auto":
     impl = auto_impl(q_BxTxNxH.shape[1], q_BxTxNxH.dtype)
   if impl in ("xla", "cudnn"):
-    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True, implementation=impl)
-  return splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, interpret=impl == "splash_interpret")
+    mask_Bx1xTxT = None if segment_ids_BxT is None else same_segment_mask(segment_ids_BxT)
+    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT, is_causal=True,
+                                        implementation=impl)
+  return splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT=segment_ids_BxT,
+                          interpret=impl == "splash_interpret")
+
+
+def same_segment_mask(segment_ids_BxT: Array) -> Array:
+  """Boolean `[B, 1, T, T]`: whether query position t and key position s share a segment (for every head)."""
+  return (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]
 
 
 def target_platform() -> str:
@@ -64,22 +83,26 @@ def auto_impl(seq_len: int, dtype) -> str:
   return "xla"
 
 
-def splash_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array, *, interpret: bool) -> Array:
+def splash_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array, *, interpret: bool,
+                     segment_ids_BxT: Array | None = None) -> Array:
   """The splash kernel, per device in a `shard_map` when a mesh is active (see the module docstring)."""
   seq_len = q_BxTxNxH.shape[1]
   if seq_len % SPLASH_BLOCKS[-1]:
     raise ValueError(f"attention_impl=splash needs a sequence length that is a multiple of {SPLASH_BLOCKS[-1]} "
                      f"(its tile), got {seq_len}: use auto (xla for such lengths) or xla")
   local = functools.partial(_splash_local, interpret=interpret)
+  segments = () if segment_ids_BxT is None else (segment_ids_BxT.astype(jnp.int32),)
   mesh = sharding.active_mesh()
   if mesh is None or mesh.size == 1:
-    return local(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
+    return local(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *segments)
   q_spec, kv_spec = _shard_specs(q_BxTxNxH.shape, k_BxTxKxH.shape)
-  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
-                       check_vma=False)(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
+  segment_specs = (PartitionSpec(q_spec[0], None),) * len(segments)  # the rows of q, the whole sequence
+  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec) + segment_specs, out_specs=q_spec,
+                       check_vma=False)(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *segments)
 
 
-def _splash_local(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array, *, interpret: bool) -> Array:
+def _splash_local(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array, segment_ids_BxT: Array | None = None, *,
+                  interpret: bool) -> Array:
   """The kernel on whole arrays: `[heads, T, H]` per example, vmapped over the batch; q pre-scaled."""
   _, seq_len, num_heads, head_dim = q_BxTxNxH.shape
   block = next(b for b in SPLASH_BLOCKS if seq_len % b == 0)
@@ -91,7 +114,8 @@ def _splash_local(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array, *, inter
       head_shards=1, q_seq_shards=1, interpret=interpret)
   heads_first = lambda x: jnp.swapaxes(x, 1, 2)
   scaled_q = (q_BxTxNxH.astype(jnp.float32) * head_dim**-0.5).astype(q_BxTxNxH.dtype)
-  o_BxNxTxH = jax.vmap(kernel)(heads_first(scaled_q), heads_first(k_BxTxKxH), heads_first(v_BxTxKxH))
+  segment_ids = None if segment_ids_BxT is None else splash_kernel.SegmentIds(q=segment_ids_BxT, kv=segment_ids_BxT)
+  o_BxNxTxH = jax.vmap(kernel)(heads_first(scaled_q), heads_first(k_BxTxKxH), heads_first(v_BxTxKxH), segment_ids)
   return heads_first(o_BxNxTxH)
 
 

@@ -77,10 +77,12 @@ class Attention(nnx.Module):
     self.attention_impl = attention_impl
 
   def __call__(self, x_BxTxD: Array, rope: tuple[Array, Array], cache: tuple[Array, Array] | None = None,
-               plan: CacheWrite | None = None) -> tuple[Array, tuple[Array, Array]]:
+               plan: CacheWrite | None = None, segment_ids_BxT: Array | None = None
+               ) -> tuple[Array, tuple[Array, Array]]:
     """Output `[B, T, d]` and the new tokens' (rotated keys, values) `[B, T, K, H]`.
 
-    Without a cache the `T` tokens attend causally to each other; with one
+    Without a cache the `T` tokens attend causally to each other (with
+    `segment_ids_BxT`, only within their segment: docs/method.md §14); with one
     (`cache` = this layer's keys and values `[B, W, K, H]`) they are written
     into their ring slots first and attend to the slots `plan.mask_TxW` allows.
     """
@@ -90,7 +92,8 @@ class Attention(nnx.Module):
     k_BxTxKxH = apply_rope(project(self.key), rope)
     v_BxTxKxH = project(self.value)
     if cache is None:
-      o_BxTxNxH = causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, impl=self.attention_impl)
+      o_BxTxNxH = causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, impl=self.attention_impl,
+                                   segment_ids_BxT=segment_ids_BxT)
     else:
       keys_BxWxKxH, values_BxWxKxH = (c.at[:, plan.slots_T].set(new.astype(c.dtype))
                                       for c, new in zip(cache, (k_BxTxKxH, v_BxTxKxH)))

@@ -50,18 +50,20 @@ class TransformerLayer(nnx.Module):
     self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=param_dtype)
     self.mlp = SwiGLU(config.d_model, config.d_ff, **dims)
 
-  def attention_sublayer(self, rope: tuple[Array, Array], h_BxTxD: Array, cache=None, plan=None):
-    return self.attention(self.attention_norm(h_BxTxD), rope, cache, plan)
+  def attention_sublayer(self, rope: tuple[Array, Array], h_BxTxD: Array, cache=None, plan=None,
+                         segment_ids_BxT: Array | None = None):
+    return self.attention(self.attention_norm(h_BxTxD), rope, cache, plan, segment_ids_BxT)
 
   def mlp_sublayer(self, h_BxTxD: Array) -> Array:
     return self.mlp(self.mlp_norm(h_BxTxD))
 
 
 # The sublayer functions of the depth loops (`residuals/types.py`): layer inputs are (parameters,
-# this layer's KV cache or None), consts are (RoPE tables, `CacheWrite` or None).
+# this layer's KV cache or None), consts are (RoPE tables, `CacheWrite` or None, segment ids `[B, T]` or None).
 def _attention_sublayer(graphdef, layer_inputs, consts, h_BxTxD):
-  (params, cache), (rope, plan) = layer_inputs, consts
-  out_BxTxD, new_keys_values = nnx.merge(graphdef, params).attention_sublayer(rope, h_BxTxD, cache, plan)
+  (params, cache), (rope, plan, segment_ids_BxT) = layer_inputs, consts
+  out_BxTxD, new_keys_values = nnx.merge(graphdef, params).attention_sublayer(rope, h_BxTxD, cache, plan,
+                                                                               segment_ids_BxT)
   return out_BxTxD, (None if cache is None else new_keys_values)
 
 
@@ -174,22 +176,25 @@ class Transformer(nnx.Module):
   def schedule(self) -> BlockSchedule:
     return BlockSchedule(self.num_layers, SUBLAYERS_PER_LAYER, self.block_size)
 
-  def __call__(self, tokens_BxT: Array, *, return_stats: bool = False):
+  def __call__(self, tokens_BxT: Array, *, segment_ids_BxT: Array | None = None, return_stats: bool = False):
     """Logits `[B, T, vocab]` in float32 (or wider); with `return_stats`, also a dict of
 
     per-sublayer `input_rms`, `output_rms` `[L]` and, for AttnRes, the
     token-averaged `depth_weights` `[L, N + 1]` over (b_0..b_{N-1}, partial)
-    and `output_depth_weights` `[N + 1]`.
+    and `output_depth_weights` `[N + 1]`. With `segment_ids_BxT` (integers),
+    tokens attend only to earlier tokens of their own segment (document
+    masking, docs/method.md §14; `train.loss.document_segment_ids`).
     """
     if not return_stats:
-      return self.logits(self.hidden(tokens_BxT))
-    h_BxTxD, stats = self.hidden(tokens_BxT, return_stats=True)
+      return self.logits(self.hidden(tokens_BxT, segment_ids_BxT=segment_ids_BxT))
+    h_BxTxD, stats = self.hidden(tokens_BxT, segment_ids_BxT=segment_ids_BxT, return_stats=True)
     return self.logits(h_BxTxD), stats
 
-  def hidden(self, tokens_BxT: Array, *, return_stats: bool = False):
+  def hidden(self, tokens_BxT: Array, *, segment_ids_BxT: Array | None = None, return_stats: bool = False):
     """The final-normed hidden states `[B, T, d]` that the LM head reads (the chunked loss's input);
-    with `return_stats`, also the statistics of `__call__`."""
-    h_BxTxD, stats, _ = self._forward(tokens_BxT, jnp.arange(tokens_BxT.shape[1]), None, None, return_stats)
+    `segment_ids_BxT` and, with `return_stats`, the statistics as in `__call__`."""
+    h_BxTxD, stats, _ = self._forward(tokens_BxT, jnp.arange(tokens_BxT.shape[1]), None, None, segment_ids_BxT,
+                                      return_stats)
     return (h_BxTxD, stats) if return_stats else h_BxTxD
 
   def logits(self, h_BxTxD: Array) -> Array:
@@ -213,14 +218,14 @@ class Transformer(nnx.Module):
     """
     positions_T, plan, positions_W = plan_write(cache, tokens_BxT.shape[1])
     layer_cache = (cache.key_LxBxWxKxH, cache.value_LxBxWxKxH)
-    h_BxTxD, _, new_keys_values = self._forward(tokens_BxT, positions_T, layer_cache, plan, False)
+    h_BxTxD, _, new_keys_values = self._forward(tokens_BxT, positions_T, layer_cache, plan, None, False)
     return self.logits(h_BxTxD), write(cache, plan, positions_W, *new_keys_values)
 
-  def _forward(self, tokens_BxT, positions_T, layer_cache, plan, return_stats):
+  def _forward(self, tokens_BxT, positions_T, layer_cache, plan, segment_ids_BxT, return_stats):
     """Final-normed hidden states, statistics and the attention sublayers' new keys and values
     `[L_b, B, T, K, H]` (or None)."""
     x_BxTxD = constrain(jnp.take(self.embedding[...], tokens_BxT, axis=0).astype(self.dtype), TOKEN_ACTIVATIONS)
-    consts = (rope_tables(positions_T, self.head_dim, self.rope_theta), plan)
+    consts = (rope_tables(positions_T, self.head_dim, self.rope_theta), plan, segment_ids_BxT)
     graphdef, layer_params = nnx.split(self.layers)
     layer_inputs = (layer_params, layer_cache)
     sublayers = (functools.partial(_attention_sublayer, graphdef), functools.partial(_mlp_sublayer, graphdef))

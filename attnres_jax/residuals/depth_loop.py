@@ -437,6 +437,12 @@ def _replay_sublayer_input(depth, sources_NxBxTxD, partial_BxTxD, pending_values
   return h_BxTxD, partial_after_BxTxD, partial_BxTxD
 
 
+def _inexact_cotangents(cts: PyTree, consts: PyTree) -> PyTree:
+  """The cotangents of the inexact leaves of `consts`; None for integer ones (segment ids), whose float0
+  cotangents cannot be summed; `custom_vjp` takes None as a zero cotangent."""
+  return jax.tree.map(lambda ct, x: ct if jnp.issubdtype(x.dtype, jnp.inexact) else None, cts, consts)
+
+
 def _attnres_loop_bwd(sublayers, schedule, remat, eps, impl, rule, two_phase, collect_stats, unroll, segments,
                       residuals, cotangents):
   del two_phase  # the backward replays each sublayer's direct mix against the final buffer
@@ -476,7 +482,7 @@ def _attnres_loop_bwd(sublayers, schedule, remat, eps, impl, rule, two_phase, co
     for k in reversed(range(num_sublayers)):  # then back through it
       d_params, d_consts, ct_h_BxTxD = sublayer_vjps_k[k](ct_partial)
       ct_params = d_params if ct_params is None else jax.tree.map(jnp.add, ct_params, d_params)
-      ct_consts = jax.tree.map(jnp.add, ct_consts, d_consts)
+      ct_consts = jax.tree.map(jnp.add, ct_consts, _inexact_cotangents(d_consts, consts))
       # The sealed value's cotangent: from later layers through the buffer (every slot this layer
       # seals is hidden from its own replays) and from this layer's later sublayers as a pending value.
       ct_sealed = jnp.where(starts_block_K[k], jax.lax.dynamic_index_in_dim(ct_sources, slot_K[k], keepdims=False),
@@ -489,7 +495,7 @@ def _attnres_loop_bwd(sublayers, schedule, remat, eps, impl, rule, two_phase, co
     return (ct_state, ct_consts), (ct_params, jax.tree.map(lambda *cts: jnp.stack(cts), *ct_depth))
 
   xs = (layer_params, depth_LxK) + _schedule_inputs(schedule)
-  carry, per_segment = (ct_final, jax.tree.map(jnp.zeros_like, consts)), []
+  carry, per_segment = (ct_final, _inexact_cotangents(jax.tree.map(jnp.zeros_like, consts), consts)), []
   for (start, end, num_read), residuals_of_segment in reversed(list(zip(segments, vjp_residuals))):
     carry, ys = jax.lax.scan(functools.partial(layer_backward, num_read=num_read), carry,
                              _segment_inputs(xs, start, end) + residuals_of_segment, reverse=True, unroll=unroll)

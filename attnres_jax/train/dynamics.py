@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from attnres_jax.model.transformer import SUBLAYER_MODULES
-from attnres_jax.train.loss import lm_head_loss
+from attnres_jax.train.loss import document_segment_ids, lm_head_loss
 from attnres_jax.train.metrics import open_jsonl
 
 Array = jax.Array
@@ -35,17 +35,19 @@ def sublayer_grad_norms(layer_grads: nnx.State) -> Array:
   return jnp.sqrt(jnp.stack(per_kind, axis=1).reshape(-1))
 
 
-def make_dynamics_step(graphdef: nnx.GraphDef, grad_accum_steps: int, *, loss_chunk_size: int = 0
-                       ) -> Callable[[nnx.State, Array], dict]:
+def make_dynamics_step(graphdef: nnx.GraphDef, grad_accum_steps: int, *, loss_chunk_size: int = 0,
+                       eod_id: int | None = None) -> Callable[[nnx.State, Array], dict]:
   """Jitted `(params, batch [B, T + 1]) -> dynamics`, on the train step's first micro-batch
-  (`loss_chunk_size`: `lm_head_loss`'s)."""
+  (`loss_chunk_size`: `lm_head_loss`'s; `eod_id`: document masking, as in `next_token_loss`)."""
 
   def dynamics(params, tokens_BxT1):
     micro_batch_MxT1 = tokens_BxT1[::grad_accum_steps]
+    inputs_MxT = micro_batch_MxT1[:, :-1]
+    segment_ids_MxT = None if eod_id is None else document_segment_ids(inputs_MxT, eod_id)
 
     def loss_and_stats(params):
       model = nnx.merge(graphdef, params)
-      h_BxTxD, stats = model.hidden(micro_batch_MxT1[:, :-1], return_stats=True)
+      h_BxTxD, stats = model.hidden(inputs_MxT, segment_ids_BxT=segment_ids_MxT, return_stats=True)
       return lm_head_loss(model, h_BxTxD, micro_batch_MxT1[:, 1:], loss_chunk_size), stats
 
     (loss, stats), grads = jax.value_and_grad(loss_and_stats, has_aux=True)(params)

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import math
 import os
 import time
 
@@ -12,6 +13,8 @@ from jax.experimental import multihost_utils
 
 from attnres_jax import data
 from attnres_jax.config_checks import check_run_config
+from attnres_jax.data.token_files import text_bytes
+from attnres_jax.data.tokenizer import WORKDIR_TOKENIZER, Tokenizer, save_tokenizer, tokenizer_from_metadata
 from attnres_jax.files import write_json_atomically
 from attnres_jax.sharding import activate, batch_sharding, check_mesh_fits, make_mesh, replication_warnings
 from attnres_jax.train.checkpoint import Checkpointer
@@ -26,14 +29,33 @@ from attnres_jax.train.steps import make_eval_step, make_train_step
 
 
 def load_splits_once(config: ml_collections.ConfigDict) -> data.TokenSplits:
-  """Process 0 builds the corpus cache (if needed) before the others open it."""
+  """Process 0 builds the corpus cache (if needed) before the others open it. A `model.vocab_size` of 0
+  becomes the data's."""
   if jax.process_index() == 0:
     splits = data.load_splits(config.data, config.model.vocab_size)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("corpus ready")
   if jax.process_index() != 0:
     splits = data.load_splits(config.data, config.model.vocab_size)
+  if not config.model.vocab_size:
+    config.model.vocab_size = splits.metadata["vocab_size"]
   return splits
+
+
+def corpus_tokenizer(config: ml_collections.ConfigDict, splits: data.TokenSplits) -> Tokenizer | None:
+  """The tokenizer of the run's corpus (None if its metadata names none); document masking needs one."""
+  tokenizer = tokenizer_from_metadata(splits.metadata, splits.directory, where=splits.directory)
+  if config.data.document_masking and tokenizer is None:
+    raise ValueError(f"config.data.document_masking=True needs the end-of-document id, but "
+                     f"{splits.directory}/metadata.json records no tokenizer (attnres_jax/data/token_files.py)")
+  return tokenizer
+
+
+def bits_per_byte(loss_nats: float, metadata: dict) -> float | None:
+  """Validation bits per UTF-8 byte: `loss * tokens / bytes / ln 2` (docs/method.md §14); None without
+  the bytes."""
+  num_bytes = text_bytes(metadata)
+  return None if num_bytes is None else loss_nats * metadata["num_tokens"]["val"] / num_bytes["val"] / math.log(2)
 
 
 def saved_config(workdir: str) -> dict | None:
@@ -48,7 +70,8 @@ def saved_config(workdir: str) -> dict | None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir` on the configured mesh, resuming from its latest checkpoint.
 
-  Returns the final train and validation losses.
+  Returns the final train and validation losses, and the validation bits per byte where the corpus
+  records its bytes.
   """
   check_run_config(config, jax.process_count(), jax.default_backend())
   mesh = make_mesh(config.mesh)
@@ -63,7 +86,11 @@ def _train_and_evaluate(config, workdir, mesh, profiler) -> dict[str, float]:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise FileExistsError(f"--workdir={workdir} is a file, not a directory")
   splits = load_splits_once(config)
+  tokenizer = corpus_tokenizer(config, splits)
+  eod_id = tokenizer.eod_id if config.data.document_masking else None
   os.makedirs(workdir, exist_ok=True)  # after the data checks: a mistake there leaves no empty workdir
+  if is_main and tokenizer is not None:
+    save_tokenizer(tokenizer, os.path.join(workdir, WORKDIR_TOKENIZER))
   to_global = functools.partial(jax.make_array_from_process_local_data, batch_sharding(mesh, config.mesh.rules))
   data_kwargs = dict(seq_len=config.data.seq_len, global_batch_size=config.data.global_batch_size,
                      process_index=process_index, process_count=process_count)
@@ -105,12 +132,12 @@ def _train_and_evaluate(config, workdir, mesh, profiler) -> dict[str, float]:
 
   chunk = config.train.loss_chunk_size
   train_step = make_train_step(graphdef, tx, config.optim.grad_accum_steps, state_shardings(state),
-                               loss_chunk_size=chunk, unroll=config.model.unroll_layers)
-  eval_step = make_eval_step(graphdef, loss_chunk_size=chunk)
+                               loss_chunk_size=chunk, unroll=config.model.unroll_layers, eod_id=eod_id)
+  eval_step = make_eval_step(graphdef, loss_chunk_size=chunk, eod_id=eod_id)
   schedule = learning_rate_schedule(config.optim, num_steps)
   writer = MetricsWriter(workdir, run_name=run_name, num_steps=num_steps, start_step=start_step, is_main=is_main)
   dynamics_every = config.train.dynamics_every
-  dynamics_step = (make_dynamics_step(graphdef, config.optim.grad_accum_steps, loss_chunk_size=chunk)
+  dynamics_step = (make_dynamics_step(graphdef, config.optim.grad_accum_steps, loss_chunk_size=chunk, eod_id=eod_id)
                    if dynamics_every else None)
   dynamics_log = DynamicsLog(workdir, writer.tensorboard if is_main else None, is_main=is_main and dynamics_every > 0)
   final = {}
@@ -141,6 +168,8 @@ def _train_and_evaluate(config, workdir, mesh, profiler) -> dict[str, float]:
       last_log = (step, time.perf_counter())
       metrics.update(learning_rate=float(schedule(step - 1)), tokens_per_s=tokens_per_s)
       summary = {"loss": f"{metrics['loss']:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
+      if "eval_bits_per_byte" in final:
+        summary["val bpb"] = f"{final['eval_bits_per_byte']:.3f}"
       if peak:
         metrics["mfu"] = tokens_per_s * flops_per_token / (peak * mesh.size)
         summary["MFU"] = f"{100 * metrics['mfu']:.1f}%"
@@ -160,8 +189,13 @@ def _train_and_evaluate(config, workdir, mesh, profiler) -> dict[str, float]:
     if step % config.train.eval_every == 0 or step == num_steps:
       settle()
       final["eval_loss"] = float(np.mean([eval_step(state.params, to_global(b)) for b in eval_batches]))
-      writer.write(step, "eval", {"loss": final["eval_loss"]})
-      writer.note(f"[{run_name}] step {step}: validation loss {final['eval_loss']:.4f}")
+      eval_metrics = {"loss": final["eval_loss"]}
+      bpb = bits_per_byte(final["eval_loss"], splits.metadata)
+      if bpb is not None:
+        final["eval_bits_per_byte"] = eval_metrics["bits_per_byte"] = bpb
+      writer.write(step, "eval", eval_metrics)
+      writer.note(f"[{run_name}] step {step}: validation loss {final['eval_loss']:.4f}"
+                  + ("" if bpb is None else f", {bpb:.4f} bits per byte"))
     if step % config.train.checkpoint_every == 0 or step == num_steps:
       settle()
       checkpointer.save(state, train_iterator, run={"config": config_json})

@@ -5,6 +5,10 @@ The chunked loss (docs/method.md §13) never holds the float32 logits
 builds one chunk's logits `[B, c, V]`, takes its summed cross-entropy and drops
 them; the backward pass recomputes them chunk by chunk (`jax.checkpoint`). At
 the paper's sizes the whole logits of one chip's batch are 40 GiB.
+
+With an end-of-document id (document masking, docs/method.md §14) the model's
+inputs get segment ids, so no token attends across an end-of-document token;
+every position still predicts its target (the token after an EOD from the EOD).
 """
 
 import jax
@@ -19,9 +23,23 @@ def cross_entropy(logits_BxTxV: Array, targets_BxT: Array) -> Array:
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT))
 
 
-def next_token_loss(model, tokens_BxT1: Array, chunk_size: int = 0) -> Array:
-  """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1] (`chunk_size`: `lm_head_loss`'s)."""
-  return lm_head_loss(model, model.hidden(tokens_BxT1[:, :-1]), tokens_BxT1[:, 1:], chunk_size)
+def document_segment_ids(tokens_BxT: Array, eod_id: int) -> Array:
+  """Segment ids `[B, T]` (int32): the count of `eod_id` tokens up to and including each position.
+
+  An EOD token thus opens the segment of the document after it, as that
+  document's first token (docs/method.md §14).
+  """
+  return jnp.cumsum(tokens_BxT == eod_id, axis=1, dtype=jnp.int32)
+
+
+# `eod_id` is not keyword-only: `nnx.grad(next_token_loss)` binds every argument by position.
+def next_token_loss(model, tokens_BxT1: Array, chunk_size: int = 0, eod_id: int | None = None) -> Array:
+  """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1] (`chunk_size`: `lm_head_loss`'s);
+  with `eod_id`, attention stays inside the documents of the inputs (`document_segment_ids`)."""
+  inputs_BxT = tokens_BxT1[:, :-1]
+  segment_ids_BxT = None if eod_id is None else document_segment_ids(inputs_BxT, eod_id)
+  return lm_head_loss(model, model.hidden(inputs_BxT, segment_ids_BxT=segment_ids_BxT), tokens_BxT1[:, 1:],
+                      chunk_size)
 
 
 def lm_head_loss(model, hidden_BxTxD: Array, targets_BxT: Array, chunk_size: int = 0) -> Array:

@@ -78,18 +78,25 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def plot_losses(workdir: str) -> str:
-  """Draws train and validation loss against step into `<workdir>/loss.png`."""
+  """Draws train and validation loss against step into `<workdir>/loss.png`, and validation bits per
+  byte beside them where the run recorded them."""
   records = read_metrics(workdir)
-  figure, axis = plt.subplots(figsize=(7, 4.5))
+  bpb_points = [(r["step"], r["bits_per_byte"]) for r in records if r["split"] == "eval" and "bits_per_byte" in r]
+  figure, axes = plt.subplots(1, 2 if bpb_points else 1, figsize=(12 if bpb_points else 7, 4.5), squeeze=False)
+  axis = axes[0, 0]
   for split, style in (("train", "-"), ("eval", "o-")):
     points = [(r["step"], r["loss"]) for r in records if r["split"] == split]
     if points:
       axis.plot(*zip(*points), style, label=f"{split} loss", markersize=4)
-  axis.set_xlabel("step")
   axis.set_ylabel("next-token cross-entropy (nats)")
-  axis.set_title(os.path.basename(os.path.abspath(workdir)))
-  axis.grid(alpha=0.3)
   axis.legend()
+  if bpb_points:
+    axes[0, 1].plot(*zip(*bpb_points), "o-", color="C1", markersize=4)
+    axes[0, 1].set_ylabel("validation bits per byte")
+  for axis in axes[0]:
+    axis.set_xlabel("step")
+    axis.grid(alpha=0.3)
+  figure.suptitle(os.path.basename(os.path.abspath(workdir)))
   path = os.path.join(workdir, "loss.png")
   figure.tight_layout()
   figure.savefig(path, dpi=100)

@@ -13,6 +13,8 @@ the current one, field by field:
   taken stays the same: extending a WSD run in its stable phase (or a run
   still in warmup). Extending a cosine run would bend the curve already
   followed, so it is refused.
+- Fields added to the config since a checkpoint was written count as their
+  old behaviour (`ADDED_FIELDS`).
 - Any other change (the model, the data or its order, batch size, sequence
   length, optimiser, schedule) would silently continue at the old batch index
   with a different run: it is refused with the fields named, unless the user
@@ -38,6 +40,18 @@ SAFE_TO_CHANGE = (
 )
 
 
+# Fields added to the config after workdirs were first written, and the value that reproduces those runs.
+ADDED_FIELDS = {"model": {"attention_impl": "xla", "unroll_layers": False, "depth_scan_segments": 1},
+                "data": {"tokenizer": "bytes", "bpe_vocab_size": 4096, "document_masking": False},
+                "train": {"loss_chunk_size": 0, "profile_steps": ""}}
+
+
+def complete_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
+  """A saved config with the fields added since it was written (`ADDED_FIELDS`) at their old values."""
+  return {section: {**ADDED_FIELDS.get(section, {}), **fields} if isinstance(fields, dict) else fields
+          for section, fields in saved.items()}
+
+
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
   """`{dotted field: (saved, current)}` for every field whose value differs (JSON-normalised)."""
   flat = lambda config: traverse_util.flatten_dict(dict(config), sep=".")
@@ -51,7 +65,7 @@ def check_resume(saved: Mapping[str, Any], config: ml_collections.ConfigDict, st
 
   Returns the fields that changed and are accepted (for the run to print).
   """
-  changes = config_changes(saved, _as_json(config))
+  changes = config_changes(complete_saved_config(saved), _as_json(config))
   accepted = {field.strip() for field in config.train.resume_accept_changes.split(",") if field.strip()}
   refused = {}
   for field, (was, now) in changes.items():

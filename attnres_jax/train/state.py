@@ -6,7 +6,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import optax
 from flax import nnx
 
-from attnres_jax.model import Transformer
+from attnres_jax.model.transformer import Transformer
 from attnres_jax.sharding import param_shardings
 from attnres_jax.train.steps import TrainState, init_train_state
 

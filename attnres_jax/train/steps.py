@@ -24,18 +24,19 @@ def init_train_state(params: nnx.State, tx: optax.GradientTransformation, seed: 
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, grad_accum_steps: int,
-                    state_sharding=None, *, loss_chunk_size: int = 0, unroll: bool = False
-                    ) -> Callable[[TrainState, Array], tuple[TrainState, dict[str, Array]]]:
+                    state_sharding=None, *, loss_chunk_size: int = 0, unroll: bool = False,
+                    eod_id: int | None = None) -> Callable[[TrainState, Array], tuple[TrainState, dict[str, Array]]]:
   """One optimiser step on a batch `[B, T + 1]`, averaging gradients over `grad_accum_steps` micro-batches.
 
   With `state_sharding` (a TrainState of shardings) the new state keeps the
   layout of the old one, so the donated buffers are reused step after step.
-  `loss_chunk_size` is `next_token_loss`'s; `unroll` unrolls the micro-batch
-  loop (the TPU compiler's cost analysis counts a loop body once).
+  `loss_chunk_size` and `eod_id` (document masking) are `next_token_loss`'s;
+  `unroll` unrolls the micro-batch loop (the TPU compiler's cost analysis
+  counts a loop body once).
   """
 
   def loss_fn(params, tokens_BxT1):
-    return next_token_loss(nnx.merge(graphdef, params), tokens_BxT1, loss_chunk_size)
+    return next_token_loss(nnx.merge(graphdef, params), tokens_BxT1, loss_chunk_size, eod_id=eod_id)
 
   def train_step(state: TrainState, tokens_BxT1: Array):
     # Micro-batch a is rows a, a + A, ...: each one spans every device of the batch axes.
@@ -58,7 +59,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
   return jax.jit(train_step, donate_argnums=0, out_shardings=out_shardings)
 
 
-def make_eval_step(graphdef: nnx.GraphDef, *, loss_chunk_size: int = 0) -> Callable[[nnx.State, Array], Array]:
-  """Mean next-token loss of one batch `[B, T + 1]` (`loss_chunk_size`: `next_token_loss`'s)."""
+def make_eval_step(graphdef: nnx.GraphDef, *, loss_chunk_size: int = 0, eod_id: int | None = None
+                   ) -> Callable[[nnx.State, Array], Array]:
+  """Mean next-token loss of one batch `[B, T + 1]` (`loss_chunk_size`, `eod_id`: `next_token_loss`'s)."""
   return jax.jit(lambda params, tokens_BxT1: next_token_loss(nnx.merge(graphdef, params), tokens_BxT1,
-                                                             loss_chunk_size))
+                                                             loss_chunk_size, eod_id=eod_id))
