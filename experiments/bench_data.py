@@ -18,16 +18,10 @@ import os
 import tempfile
 import time
 
-import jax
-
 from attnres_jax import cli, data
 from attnres_jax.data import corpus
 from attnres_jax.data.documents import InputSpec, list_files
 from attnres_jax.data.prepare import TokenizerChoice, make_tokenizer, prepare_corpus
-from attnres_jax.sharding import activate, make_mesh
-from attnres_jax.train.optim import make_optimizer
-from attnres_jax.train.state import create_train_state, state_shardings
-from attnres_jax.train.steps import make_train_step
 from configs import base
 
 
@@ -46,6 +40,14 @@ def bench_prepare(choice: TokenizerChoice, inputs: InputSpec, workers: int) -> d
 
 def bench_pipeline(batches: int) -> tuple[float, float]:
   """Batches/s of the default config's train iterator and steps/s of its train step."""
+  # Imported here: spawned tokenizer workers import this module, and prepare_data's own workers load no jax.
+  import jax
+
+  from attnres_jax.sharding import activate, make_mesh
+  from attnres_jax.train.optim import make_optimizer
+  from attnres_jax.train.state import create_train_state, state_shardings
+  from attnres_jax.train.steps import make_train_step
+
   config = base.get_config()
   splits = data.load_splits(config.data, config.model.vocab_size)
   iterator = data.train_iterator(splits.train, seq_len=config.data.seq_len,

@@ -222,3 +222,11 @@ def test_killed_prepare_data_leaves_nothing_a_later_run_reads(tmp_path):
   assert result.returncode == 0, result.stderr
   assert sorted(os.listdir(tmp_path)) == ["in", "out"]  # the rerun deleted the dead run's directory
   assert open_token_files(str(tmp_path / "out"), vocab_size=300).metadata["documents"]["train"] > 0
+
+
+@pytest.mark.slow
+def test_bench_data_runs():
+  result = subprocess.run([sys.executable, "-m", "experiments.bench_data", "--vocab_size=300", "--pipeline_batches=10"],
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  assert "| bpe |" in result.stdout and "x |" in result.stdout
