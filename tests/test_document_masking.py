@@ -84,7 +84,8 @@ def test_window_gradients_are_the_documents_gradients_weighted_by_their_predicti
   flat_a, flat_b = dict(nnx.to_flat_state(grads_a)), dict(nnx.to_flat_state(grads_b))
   for path, got in nnx.to_flat_state(grads):
     want = (m * flat_a[path][...] + n * flat_b[path][...]) / (m + n)
-    np.testing.assert_allclose(got[...], want, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(want))) + 1e-7,
+    # float32 rounding: measured <= 2.1e-5 of the largest entry (jax 0.12); without the mask about 5e-2
+    np.testing.assert_allclose(got[...], want, rtol=0, atol=1e-4 * float(jnp.max(jnp.abs(want))) + 1e-7,
                                err_msg=str(path))
 
 
