@@ -45,10 +45,11 @@ def stdlib_token_files(cache_dir: str, val_fraction: float, *, tokenizer: str = 
   if tokenizer not in TOKENIZERS:
     raise ValueError(f"config.data.tokenizer={tokenizer!r}: must be one of {TOKENIZERS}")
   root = stdlib_dir()
-  suffix = "" if tokenizer == "bytes" else f"-bpe{bpe_vocab_size}"
+  tokenizer_name = "bytes" if tokenizer == "bytes" else f"bpe{bpe_vocab_size}"
   identity = {"corpus": "stdlib", "python": f"{platform.python_implementation()} {platform.python_version()}",
               "source_dir": root, "val_fraction": val_fraction, "builder_version": BUILDER_VERSION,
-              "tokenizer": tokenizer + suffix.removeprefix("-bpe")}
+              "tokenizer": tokenizer_name}
+  suffix = "" if tokenizer == "bytes" else f"-{tokenizer_name}"
   directory = os.path.join(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR),
                            f"stdlib-{platform.python_version()}{suffix}")
   cached = (read_metadata(directory) or {}).get("provenance", {})

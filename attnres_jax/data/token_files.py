@@ -203,11 +203,11 @@ def remove_abandoned_builds(parent: str, name: str) -> None:
 
 def _process_exists(pid: int) -> bool:
   try:
-    os.kill(pid, 0)
+    os.kill(pid, 0)  # PermissionError: alive, another user's
   except ProcessLookupError:
     return False
-  except PermissionError:  # alive, another user's
-    return True
+  except PermissionError:
+    pass
   return True
 
 

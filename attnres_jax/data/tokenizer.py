@@ -30,6 +30,8 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from attnres_jax.files import write_json_atomically
+
 TOKENIZER_FILE = "tokenizer.json"  # an HF tokenizer's file inside a token-files directory
 BYTE_VOCAB_SIZE = 257  # prepare_data's byte corpora: the 256 bytes and the end-of-document id
 BYTE_EOD_ID = 256
@@ -194,10 +196,7 @@ def save_tokenizer(tokenizer: Tokenizer, directory: str) -> None:
     temporary = os.path.join(directory, f".{TOKENIZER_FILE}.tmp-{os.getpid()}")
     tokenizer.tokenizer.save(temporary)
     os.replace(temporary, os.path.join(directory, TOKENIZER_FILE))
-  temporary = os.path.join(directory, f".spec.json.tmp-{os.getpid()}")
-  with open(temporary, "w", encoding="utf-8") as file:
-    json.dump({"tokenizer": tokenizer.spec()}, file, indent=2)
-  os.replace(temporary, os.path.join(directory, "spec.json"))
+  write_json_atomically(os.path.join(directory, "spec.json"), {"tokenizer": tokenizer.spec()})
 
 
 def load_saved_tokenizer(directory: str) -> Tokenizer | None:
