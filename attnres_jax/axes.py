@@ -11,6 +11,7 @@ HEADS = "heads"  # query heads
 KV_HEADS = "kv_heads"  # key/value heads (grouped-query attention)
 HEAD_DIM = "kv"  # per-head channel width
 MLP = "mlp"  # hidden width of the SwiGLU MLP
+EXPERT = "expert"  # leading axis of the MoE experts' weights (expert parallelism)
 SUBLAYER = "sublayer"  # attention / MLP sublayer of one transformer layer
 DEPTH_EMBED = "depth_embed"  # channels of pseudo-queries and key gains (kept replicated)
 

@@ -9,12 +9,14 @@ from attnres_jax.data.corpus import TOKENIZERS as STDLIB_TOKENIZERS
 from attnres_jax.data.sources import SOURCES
 from attnres_jax.kernels.depth_attention_op import IMPLS
 from attnres_jax.model.attention_kernels import IMPLS as ATTENTION_IMPLS
+from attnres_jax.model.moe import check_moe_spec, spec_from_config
 from attnres_jax.residuals.hyper_connections import RESIDUAL_MIXINGS
-from attnres_jax.residuals.mixing_rules import LOGITS, NORMALIZATIONS
+from attnres_jax.residuals.mixing_rules import LOGITS, NORMALIZATIONS, rule_from_config
 from attnres_jax.residuals.remat import REMAT_POLICIES
-from attnres_jax.train.optim import SCHEDULES
+from attnres_jax.train.optim import OPTIMIZERS, SCHEDULES
 
 RESIDUALS = ("prenorm", "full", "block", "mhc")
+FFNS = ("swiglu", "moe")
 DTYPES = ("float32", "bfloat16", "float64")  # float64 needs jax_enable_x64 (gradient checks)
 # Depth-attention fields, which must keep these values where there is no depth attention (prenorm, mhc).
 DEPTH_DEFAULTS = {"depth_key_norm": True, "depth_normalization": "softmax", "depth_heads": 1, "depth_window": 0,
@@ -72,6 +74,7 @@ def check_model_config(model: Mapping[str, Any], *, vocab_from_data: bool = Fals
     _fail("two_phase", True, f"applies to AttnRes only (residual=full or block), not {model['residual']}")
   _check_mixing_rule(model)
   _check_hyper_connections(model)
+  _check_ffn(model)
   for field in ("norm_eps", "init_std", "embed_init_std", "rope_theta"):
     if not model[field] > 0:
       _fail(field, model[field], "must be > 0")
@@ -104,12 +107,27 @@ def _check_mixing_rule(model: Mapping[str, Any]) -> None:
       if model[field] != DEPTH_DEFAULTS[field]:
         _fail(field, model[field], f"has no effect with residual={model['residual']} (no depth attention); "
               f"leave it at {DEPTH_DEFAULTS[field]!r}")
-  ablated = (not model["depth_key_norm"] or model["depth_normalization"] != "softmax" or model["depth_heads"] != 1
-             or model["depth_window"] or learned or model["depth_query_projection"])
-  if ablated and (model["two_phase"] or model["depth_attention_impl"] != "xla"):
+  if not rule_from_config(model).fused and (model["two_phase"] or model["depth_attention_impl"] != "xla"):
     _fail("two_phase" if model["two_phase"] else "depth_attention_impl",
           model["two_phase"] if model["two_phase"] else model["depth_attention_impl"],
           "ablated depth-mixing rules run in jnp: use two_phase=False and depth_attention_impl=xla")
+
+
+def _check_ffn(model: Mapping[str, Any]) -> None:
+  if model["ffn"] not in FFNS:
+    _fail("ffn", model["ffn"], f"must be one of {FFNS}")
+  if model["ffn"] != "moe":
+    return
+  check_moe_spec(spec_from_config(model), prefix="config.model.moe.")
+  moe = model["moe"]
+  if not isinstance(moe["dense_layers"], int) or not 0 <= moe["dense_layers"] < model["num_layers"]:
+    _fail("moe.dense_layers", moe["dense_layers"], f"must be an integer in [0, num_layers={model['num_layers']}) "
+          "(at least one MoE layer)")
+  if not isinstance(moe["dense_d_ff"], int) or moe["dense_d_ff"] < 0:
+    _fail("moe.dense_d_ff", moe["dense_d_ff"], "must be an integer >= 0 (0 = d_ff)")
+  for field in ("aux_loss_coef", "z_loss_coef"):
+    if not moe[field] >= 0:
+      _fail(f"moe.{field}", moe[field], "must be >= 0")
 
 
 def _check_hyper_connections(model: Mapping[str, Any]) -> None:
@@ -137,6 +155,10 @@ def check_run_config(config: Mapping[str, Any], process_count: int = 1, platform
   """Checks `config.model`, `config.data`, `config.optim` and `config.train` of a training run on `platform`."""
   check_model_config(config["model"], vocab_from_data=True)
   check_platform(config["model"], platform)
+  experts, expert_devices = config["model"]["moe"]["num_experts"], config["mesh"]["expert"]
+  if config["model"]["ffn"] == "moe" and expert_devices > 1 and experts % expert_devices:
+    _fail("expert", expert_devices, f"must divide config.model.moe.num_experts={experts} (each device holds "
+          "whole experts)", "mesh")
   if "float64" in (config["model"]["dtype"], config["model"]["param_dtype"]) and not jax.config.jax_enable_x64:
     _fail("dtype", config["model"]["dtype"], "float64 needs JAX_ENABLE_X64=1 in the environment (else jax "
           "silently computes in float32)")
@@ -164,8 +186,15 @@ def check_run_config(config: Mapping[str, Any], process_count: int = 1, platform
     _fail("global_batch_size", data["global_batch_size"],
           f"must be divisible by processes x config.optim.grad_accum_steps = {process_count} x "
           f"{optim['grad_accum_steps']}", "data")
+  if optim["name"] not in OPTIMIZERS:
+    _fail("name", optim["name"], f"must be one of {OPTIMIZERS}", "optim")
   if optim["schedule"] not in SCHEDULES:
     _fail("schedule", optim["schedule"], f"must be one of {SCHEDULES}", "optim")
+  if not 0 <= optim["muon_momentum"] < 1:
+    _fail("muon_momentum", optim["muon_momentum"], "must be in [0, 1)", "optim")
+  _check_positive_ints("optim", optim, ("muon_ns_steps",))
+  if not isinstance(optim["muon_match_adamw_rms"], bool):
+    _fail("muon_match_adamw_rms", optim["muon_match_adamw_rms"], "must be True or False", "optim")
   for field in ("peak_lr", "eps"):
     if not optim[field] > 0:
       _fail(field, optim[field], "must be > 0", "optim")

@@ -65,7 +65,7 @@ def load_model(workdir: str, config: ml_collections.ConfigDict):
   Only the parameters are read (the optimiser state is skipped), laid out for one device whatever
   mesh trained them. Returns the model and its step.
   """
-  config.mesh.update(data=1, fsdp=1, tensor=1)
+  config.mesh.update(data=1, fsdp=1, expert=1, tensor=1)
   if config.model.depth_attention_impl == "pallas" and jax.default_backend() == "cpu":
     config.model.depth_attention_impl = "xla"  # the same math; the kernel compiles for accelerators only
   if config.model.attention_impl in ("splash", "cudnn"):

@@ -1,14 +1,15 @@
 """Device meshes from the config and logical-axis sharding rules (MaxText style).
 
-Mesh axes are `data`, `fsdp` and `tensor`. Every parameter carries logical axis
-names (`attnres_jax.axes`); `config.mesh.rules` maps each name to mesh axes,
-in order, later rules for a name being fallbacks (`logical_to_spec`); an
-unnamed or unmapped axis is replicated, and so is a dimension the mapped mesh
-axes do not divide. Parameters still replicated are named at start-up
-(`replicated_parameters`). Activations are constrained at sublayer boundaries
-through the same rules: batch over data+fsdp, heads and MLP hidden over tensor.
-The AttnRes depth sources are activations; pseudo-queries and key gains
-(`depth_embed`) stay replicated.
+Mesh axes are `data`, `fsdp`, `expert` and `tensor`. Every parameter carries
+logical axis names (`attnres_jax.axes`); `config.mesh.rules` maps each name to
+mesh axes, in order, later rules for a name being fallbacks (`logical_to_spec`);
+an unnamed or unmapped axis is replicated, and so is a dimension the mapped mesh
+axes do not divide. `expert` splits the MoE experts and, like `data`, the batch
+(docs/method.md §16); other weights are replicated over it. Parameters still
+replicated are named at start-up (`replicated_parameters`). Activations are
+constrained at sublayer boundaries through the same rules: batch over
+data+fsdp+expert, heads and MLP hidden over tensor. The AttnRes depth sources
+are activations; pseudo-queries and key gains (`depth_embed`) stay replicated.
 
 Axis types: **Auto**, deliberately. With Auto, GSPMD propagates shardings
 through the custom-VJP depth scan, `nnx.merge` inside it and
@@ -32,26 +33,26 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from attnres_jax import axes
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 _active: list[tuple[jax.sharding.Mesh, Rules] | None] = [None]  # (mesh, rules) that `constrain` applies
 
 
 def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
-  """Sizes of (data, fsdp, tensor); one of them may be -1: all devices the others leave.
+  """Sizes of the `MESH_AXES`; one of them may be -1: all devices the others leave.
 
   Without a -1 the mesh may use fewer devices than there are (the first ones).
   """
   sizes = [mesh_config[axis] for axis in MESH_AXES]
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"config.mesh (data, fsdp, tensor)={tuple(sizes)}: positive sizes, at most one -1")
+    raise ValueError(f"config.mesh ({', '.join(MESH_AXES)})={tuple(sizes)}: positive sizes, at most one -1")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
       raise ValueError(f"config.mesh: {num_devices} devices are not divisible by the fixed axes' {known}")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) > num_devices:
-    raise ValueError(f"config.mesh (data, fsdp, tensor)={tuple(sizes)} needs {math.prod(sizes)} devices, "
+    raise ValueError(f"config.mesh ({', '.join(MESH_AXES)})={tuple(sizes)} needs {math.prod(sizes)} devices, "
                      f"found {num_devices}")
   return tuple(sizes)
 
@@ -74,11 +75,12 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], rules: Ru
   So a later rule for a name is a fallback: `("mlp", "fsdp")` after
   `("embed", "fsdp")` shards a weight's MLP dimension over fsdp exactly when
   d_model does not divide by it (and the weight would otherwise be replicated).
+  Mesh axes that `mesh_sizes` lacks (a mesh built without `expert`) are left out of the rules.
   """
   used: set[str] = set()
   dims: list[tuple[str, ...]] = [() for _ in names]
   for rule_name, mapped in rules:
-    rule_axes = (mapped,) if isinstance(mapped, str) else tuple(mapped or ())
+    rule_axes = tuple(a for a in ((mapped,) if isinstance(mapped, str) else mapped or ()) if a in mesh_sizes)
     for i, (name, size) in enumerate(zip(names, shape)):
       if name != rule_name or not rule_axes or used.intersection(rule_axes):
         continue
@@ -133,7 +135,7 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> NamedSharding:
 
 def check_mesh_fits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, process_count: int | None = None,
                     process_of: Callable[[jax.Device], int] = lambda device: device.process_index) -> None:
-  """Every micro-batch splits over data x fsdp, and every process feeds whole batch shards of its own.
+  """Every micro-batch splits over the batch axes, and every process feeds whole batch shards of its own.
 
   Each process loads its own rows of the global `[B, T + 1]` batch and
   `jax.make_array_from_process_local_data` puts them on its devices. So each
@@ -145,11 +147,12 @@ def check_mesh_fits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
   """
   sizes = dict(mesh.shape)
   where = f"config.mesh=({', '.join(f'{axis}={sizes[axis]}' for axis in MESH_AXES)})"
-  batch_devices = sizes["data"] * sizes["fsdp"]
+  batch_axes = [a for a in _batch_axes(config.mesh.rules) if sizes.get(a, 1) > 1]
+  batch_devices = math.prod(sizes[a] for a in batch_axes)
   global_batch, accum = config.data.global_batch_size, config.optim.grad_accum_steps
   if (global_batch // accum) % batch_devices:
     raise ValueError(f"config.data.global_batch_size={global_batch}: each of the {accum} micro-batches must "
-                     f"split over data x fsdp = {batch_devices} devices")
+                     f"split over {' x '.join(batch_axes)} = {batch_devices} devices")
   process_count = jax.process_count() if process_count is None else process_count
   sharding = batch_sharding(mesh, config.mesh.rules)
   processes_of_rows: dict[tuple[int, int], set[int]] = {}

@@ -51,6 +51,23 @@ def get_config() -> ml_collections.ConfigDict:
   model.mhc_streams = 4  # m >= 2
   model.mhc_residual_mixing = "sinkhorn"  # sinkhorn (Sinkhorn-Knopp) | permutations (mHC-lite, m <= 5)
   model.mhc_sinkhorn_iters = 20  # Sinkhorn-Knopp iterations
+  # FFN sublayer of every layer: swiglu (dense, width d_ff) | moe (Mixture-of-Experts, each expert d_ff wide)
+  model.ffn = "swiglu"
+  # MoE (ffn=moe; model/moe.py, docs/method.md §16). Defaults: a small DeepSeek-style layer.
+  model.moe = moe = ml_collections.ConfigDict()
+  moe.num_experts = 8  # routed experts E
+  moe.top_k = 2  # routed experts per token
+  moe.num_shared_experts = 1  # always-on experts per layer
+  moe.score_function = "softmax"  # router scores: softmax | sigmoid (DeepSeek-V3)
+  moe.normalize_top_k = True  # gate weights divided by their sum over the token's top-k
+  moe.routed_scaling_factor = 1.0  # multiplies the routed experts' gate weights
+  moe.capacity_factor = 0.0  # per expert and sequence ceil(factor * T * top_k / E) slots, the rest dropped; 0: none
+  moe.impl = "auto"  # grouped matmul: ragged_dot | megablox (TPU) | megablox_interpret (CPU) | auto (by platform)
+  moe.dense_layers = 0  # the first layers keep a dense SwiGLU FFN (DeepSeek / Moonlight)
+  moe.dense_d_ff = 0  # SwiGLU width of those dense layers; 0 = d_ff
+  moe.aux_loss_coef = 1e-3  # weight of the Switch load-balancing loss E sum_e f_e P_e, per MoE layer
+  moe.z_loss_coef = 0.0  # weight of the router z-loss mean(logsumexp(logits)^2), per MoE layer
+  moe.bias_update_rate = 1e-3  # auxiliary-loss-free balancing: selection-bias step per train step; 0 = off
 
   config.data = data = ml_collections.ConfigDict()
   data.source = "stdlib"  # stdlib (this interpreter's standard library, bytes) | token_files
@@ -66,6 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.document_masking = False
 
   config.optim = optim = ml_collections.ConfigDict()
+  optim.name = "adamw"  # adamw | muon (Muon on per-layer matrices, AdamW on the rest; docs/method.md §15)
   optim.peak_lr = 3e-3  # learning rate after warmup
   optim.schedule = "cosine"  # cosine (warmup + cosine) | wsd (warmup-stable-decay)
   optim.warmup_steps = 50  # linear warmup from 0
@@ -78,6 +96,9 @@ def get_config() -> ml_collections.ConfigDict:
   optim.decay_embeddings = False  # also decay the token embedding (and untied head)
   optim.grad_clip_norm = 1.0  # global-norm clipping; 0 = off
   optim.grad_accum_steps = 1  # micro-batches per step; must divide the per-process batch
+  optim.muon_momentum = 0.95  # muon: Nesterov momentum of the matrices' gradients, in [0, 1)
+  optim.muon_ns_steps = 5  # muon: Newton-Schulz iterations orthogonalising each update (>= 1)
+  optim.muon_match_adamw_rms = True  # muon: scale updates to AdamW's RMS (0.2), so peak_lr carries over
 
   config.train = train = ml_collections.ConfigDict()
   train.num_steps = 600  # optimiser steps
@@ -97,12 +118,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = -1  # data-parallel devices; -1 = all devices the other axes leave
   mesh.fsdp = 1  # devices sharding parameters, optimiser state (over embed) and the batch
+  mesh.expert = 1  # devices sharding MoE experts (expert parallelism) and the batch; must divide num_experts
   mesh.tensor = 1  # devices sharding heads, MLP hidden and vocab (tensor parallelism)
   # Logical axis -> mesh axes (attnres_jax/axes.py names), applied in order; unlisted axes are replicated.
   # The last line are fallbacks: where d_model does not divide by fsdp, weights shard another dimension.
   mesh.rules = (
-      ("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"),
-      ("kv_heads", "tensor"), ("mlp", "tensor"), ("activation_heads", "tensor"),
+      ("batch", ("data", "fsdp", "expert")), ("expert", "expert"), ("embed", "fsdp"), ("vocab", "tensor"),
+      ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"), ("activation_heads", "tensor"),
       ("activation_mlp", "tensor"), ("activation_vocab", "tensor"),
       ("mlp", "fsdp"), ("vocab", "fsdp"), ("kv", "fsdp"))
 

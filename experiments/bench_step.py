@@ -16,6 +16,7 @@ device's dense peak for `--dtype`; "-" where the peak is not known (CPUs).
 import argparse
 import statistics
 import time
+from typing import NamedTuple
 
 import jax
 from flax import nnx
@@ -23,7 +24,7 @@ from flax import nnx
 from attnres_jax import Transformer, cli
 from attnres_jax.model.attention_kernels import IMPLS
 from attnres_jax.train.flops import peak_flops_per_device, train_flops_per_token
-from attnres_jax.train.loss import next_token_loss
+from attnres_jax.train.loss import training_loss
 from configs import base
 
 
@@ -35,9 +36,20 @@ VARIANTS = {"prenorm": dict(residual="prenorm"), "full": dict(residual="full"), 
             "full_input_dependent_query": dict(residual="full", depth_query_projection=True)}
 
 
+class MoEShape(NamedTuple):
+  """`--ffn=moe`'s experts: each `1 / (top_k + shared)` of the dense width, rounded up to 64 channels."""
+
+  experts: int
+  top_k: int
+  shared: int
+
+  def expert_width(self, dense_width: int) -> int:
+    return -(-dense_width // (self.top_k + self.shared) // 64) * 64
+
 def model_config(variant: str, num_sublayers: int, d_model: int, num_blocks: int, remat: str, *,
-                 dtype: str = "float32", attention_impl: str = "xla"):
-  """The benchmarked model: 64-channel heads, SwiGLU width about 8/3 d, Block S = L // N."""
+                 dtype: str = "float32", attention_impl: str = "xla", moe: MoEShape | None = None):
+  """The benchmarked model: 64-channel heads, SwiGLU width about 8/3 d, Block S = L // N; with `moe`, every
+  FFN an MoE whose experts are `1 / (top_k + shared)` of that width (equal active parameters)."""
   if num_sublayers < 2 or num_sublayers % 2:
     raise ValueError(f"--sublayers: {num_sublayers} must be even and >= 2 (attention + MLP per layer)")
   if d_model < 64 or d_model % 64:
@@ -49,7 +61,11 @@ def model_config(variant: str, num_sublayers: int, d_model: int, num_blocks: int
       **VARIANTS[variant], num_layers=num_sublayers // 2, d_model=d_model, num_heads=d_model // 64,
       num_kv_heads=d_model // 64, d_ff=-(-8 * d_model // 3 // 64) * 64, remat=remat,
       block_size=max(1, num_sublayers // num_blocks), dtype=dtype, attention_impl=attention_impl))
+  if moe is not None:
+    config.update(dict(ffn="moe", d_ff=moe.expert_width(config.d_ff)))
+    config.moe.update(dict(num_experts=moe.experts, top_k=moe.top_k, num_shared_experts=moe.shared))
   return config
+
 
 
 def parse_variants(residuals: str) -> list[str]:
@@ -83,7 +99,7 @@ def print_header(columns: str) -> None:
 def measure(config, batch: int, seq_len: int, steps: int) -> dict:
   graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
   tokens = jax.random.randint(jax.random.key(1), (batch, seq_len + 1), 0, config.vocab_size)
-  loss = lambda p, t: next_token_loss(nnx.merge(graphdef, p), t)
+  loss = lambda p, t: training_loss(nnx.merge(graphdef, p), t)[0]
   start = time.perf_counter()
   compiled = jax.jit(jax.value_and_grad(loss)).lower(params, tokens).compile()
   compile_s = time.perf_counter() - start
@@ -115,19 +131,34 @@ def main():
   parser.add_argument("--remat", default="full", choices=["none", "full", "save_dots"])
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="activation dtype")
   parser.add_argument("--attention_impl", default="xla", choices=IMPLS, help="token attention (model.attention_impl)")
+  parser.add_argument("--ffn", default="swiglu", choices=["swiglu", "moe"],
+                      help="moe: every FFN an MoE of equal active parameters; ratios against PreNorm MoE, and a "
+                      "last row of the dense PreNorm of that active width")
+  parser.add_argument("--experts", type=int, default=8, help="--ffn=moe: routed experts")
+  parser.add_argument("--top_k", type=int, default=2, help="--ffn=moe: routed experts per token")
+  parser.add_argument("--shared_experts", type=int, default=1, help="--ffn=moe: always-on experts")
   args = parser.parse_args()
+  moe = MoEShape(args.experts, args.top_k, args.shared_experts) if args.ffn == "moe" else None
   print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, batch {args.batch}, seq_len {args.seq_len}, "
-        f"remat {args.remat}, {args.dtype}, attention {args.attention_impl}, Block N = {args.num_blocks}")
-  print_header("| L | d | residual | S | step ms | x base | compile s | x base | temp MiB | x base | MFU |")
+        f"remat {args.remat}, {args.dtype}, attention {args.attention_impl}, Block N = {args.num_blocks}"
+        + ("" if moe is None else f", MoE {moe.experts} experts, top-{moe.top_k}, {moe.shared} shared"))
+  print_header("| L | d | residual | ffn | S | step ms | x base | compile s | x base | temp MiB | x base | MFU |")
   for num_sublayers in map(int, args.sublayers.split(",")):
     for d_model in map(int, args.d_models.split(",")):
       baseline = None
-      for residual in args.residuals:
-        config = model_config(residual, num_sublayers, d_model, args.num_blocks, args.remat, dtype=args.dtype,
-                              attention_impl=args.attention_impl)
+      rows = [(residual, model_config(residual, num_sublayers, d_model, args.num_blocks, args.remat,
+                                      dtype=args.dtype, attention_impl=args.attention_impl, moe=moe))
+              for residual in args.residuals]
+      if moe is not None:  # the dense PreNorm multiplying as many weights per token
+        dense = model_config("prenorm", num_sublayers, d_model, args.num_blocks, args.remat, dtype=args.dtype,
+                             attention_impl=args.attention_impl)
+        dense.d_ff = rows[0][1].d_ff * (moe.top_k + moe.shared)
+        rows.append(("prenorm", dense))
+      for name, config in rows:
         result = measure(config, args.batch, args.seq_len, args.steps)
         baseline = baseline or result
-        print(f"| {num_sublayers} | {d_model} | {residual} | {block_size_label(config)} "
+        ffn = f"{config.ffn} {config.d_ff}"
+        print(f"| {num_sublayers} | {d_model} | {name} | {ffn} | {block_size_label(config)} "
               f"| {1e3 * result['step_s']:.1f} | {result['step_s'] / baseline['step_s']:.2f} "
               f"| {result['compile_s']:.1f} | {result['compile_s'] / baseline['compile_s']:.2f} "
               f"| {result['temp_mib']:.1f} | {result['temp_mib'] / baseline['temp_mib']:.2f} "

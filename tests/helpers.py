@@ -70,10 +70,10 @@ def max_rel_error(a, b):
   return float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
 
 
-def run_main(workdir, *overrides, wait=True, env=None):
-  """`python -m attnres_jax.main` with the smoke config; (exit code, output), or the process if not `wait`."""
-  command = [sys.executable, "-m", "attnres_jax.main", "--config=configs/smoke.py", f"--workdir={workdir}",
-             *overrides]
+def run_main(workdir, *overrides, wait=True, env=None, config="configs/smoke.py"):
+  """`python -m attnres_jax.main` with the smoke config (or `config`); (exit code, output), or the process if
+  not `wait`."""
+  command = [sys.executable, "-m", "attnres_jax.main", f"--config={config}", f"--workdir={workdir}", *overrides]
   process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env=env)
   if not wait:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnres_jax.model.layers import rope_tables
+from attnres_jax.residuals.mixing_rules import LearnedLogits
 
 
 def depth_attention(sources, query, gain, eps):
@@ -24,22 +25,38 @@ def depth_attention(sources, query, gain, eps):
 
 
 def layer_at(model, j):
-  graphdef, params = nnx.split(model.layers)
-  return nnx.merge(graphdef, jax.tree.map(lambda p: p[j], params))
+  """Layer `j` of the model: of its dense stack first (MoE models' `dense_layers`), then of `layers`."""
+  num_dense = 0 if model.dense_layers is None else jax.tree.leaves(nnx.state(model.dense_layers))[0].shape[0]
+  stack, index = (model.dense_layers, j) if j < num_dense else (model.layers, j - num_dense)
+  graphdef, params = nnx.split(stack)
+  return nnx.merge(graphdef, jax.tree.map(lambda p: p[index], params))
 
 
-def reference_logits(model, tokens_BxT, record_sources=None):
+def ffn_output(model, layer, h, aux_losses=None):
+  """The FFN sublayer's output; an MoE's weighted auxiliary losses are appended to `aux_losses`."""
+  output = layer.mlp_sublayer(h)
+  if not isinstance(output, tuple):
+    return output
+  out, moe = output
+  if aux_losses is not None:
+    aux_weight, z_weight = model.moe_loss_weights
+    aux_losses.append(aux_weight * moe.aux_loss + z_weight * moe.z_loss)
+  return out
+
+
+def reference_logits(model, tokens_BxT, record_sources=None, aux_losses=None):
   """Logits of `model` with its depth loop replaced by the literal docs/method.md §4.
 
   If `record_sources` is a list, the list of source values each sublayer
-  attends to is appended to it (then the output query's).
+  attends to is appended to it (then the output query's); MoE layers append
+  their weighted auxiliary losses to `aux_losses`.
   """
   x = jnp.take(model.embedding[...], tokens_BxT, axis=0).astype(model.dtype)
   rope = rope_tables(jnp.arange(tokens_BxT.shape[1]), model.head_dim, model.rope_theta)
 
   def sublayer(l, h):
     layer = layer_at(model, l // 2)
-    return layer.attention_sublayer(rope, h)[0] if l % 2 == 0 else layer.mlp_sublayer(h)
+    return layer.attention_sublayer(rope, h)[0] if l % 2 == 0 else ffn_output(model, layer, h, aux_losses)
 
   if model.depth is None:
     h = x
@@ -72,8 +89,8 @@ def reference_logits(model, tokens_BxT, record_sources=None):
 def full_variant_mix(model, values, query, gain, projection=None):
   """`h` over the sources `values` of Full AttnRes under the model's ablation rule (docs/method.md §8), literally:
   learned logits (input-independent mixing), raw learned weights (DenseFormer), or the query `w + W v_newest`."""
-  rule, v = model.mixing_rule, jnp.stack(values)
-  if rule.logits == "learned":
+  rule, v = model.mixing.rule, jnp.stack(values)
+  if isinstance(rule, LearnedLogits):
     logits = jnp.broadcast_to(query[:len(values), None, None], v.shape[:-1])
   else:
     assert rule.key_norm and rule.num_heads == 1 and not rule.window
@@ -94,14 +111,14 @@ def full_reference_logits(model, tokens_BxT):
   values = [x]
   for l in range(model.num_sublayers):
     query, gain = model.depth.pseudo_query[...][l // 2, l % 2], gains[l // 2, l % 2]
-    if model.mixing_rule.is_default:
+    if model.mixing.rule.fused:
       h = depth_attention(jnp.stack(values), query, gain, model.norm_eps)
     else:
       projection = None if projections is None else projections[...][l // 2, l % 2]
       h = full_variant_mix(model, values, query, gain, projection)
     layer = layer_at(model, l // 2)
     values.append(layer.attention_sublayer(rope, h)[0] if l % 2 == 0 else layer.mlp_sublayer(h))
-  if model.mixing_rule.is_default:
+  if model.mixing.rule.fused:
     h = depth_attention(jnp.stack(values), model.depth.output_query[...], output_gain, model.norm_eps)
   else:
     h = full_variant_mix(model, values, model.depth.output_query[...], output_gain)
@@ -141,4 +158,59 @@ def mhc_reference_logits(model, tokens_BxT):
   h = model.final_norm(sum(streams) / m)
   head = model.embedding[...].T if model.head is None else model.head[...]
   return jnp.einsum("btd,dv->btv", h, head.astype(model.dtype),
+                    preferred_element_type=jnp.promote_types(model.dtype, jnp.float32))
+
+
+def literal_rule_mix(rule, sources, query, gain, eps, *, columns, newest=None, projection=None):
+  """`h` over the visible `sources` (a list, oldest first) under any registered rule, written out literally:
+  `columns` are the sources' learned-logit indices; `newest` feeds the input-dependent query `w + W newest`."""
+  v = jnp.stack(sources)
+  if isinstance(rule, LearnedLogits):
+    logits = jnp.broadcast_to(query[jnp.array(columns)][:, None, None, None], v.shape[:-1] + (1,))
+  else:
+    if projection is not None:
+      query = query + newest @ projection
+    keys = v / jnp.sqrt(jnp.mean(v * v, axis=-1, keepdims=True) + eps) if rule.key_norm else v
+    heads, width = rule.num_heads, v.shape[-1]
+    keys = (keys * gain).reshape(v.shape[:-1] + (heads, width // heads))
+    logits = jnp.sum(keys * jnp.reshape(query, query.shape[:-1] + (heads, width // heads)), axis=-1)
+  if rule.normalization == "softmax":
+    weights = jax.nn.softmax(logits, axis=0)
+  else:
+    weights = jax.nn.sigmoid(logits) if rule.normalization == "sigmoid" else logits
+  grouped = v.reshape(v.shape[:-1] + (weights.shape[-1], -1))
+  return jnp.einsum("sbth,sbthc->bthc", weights, grouped).reshape(v.shape[1:])
+
+
+def rule_reference_logits(model, tokens_BxT):
+  """Block AttnRes (Full: block size 1) literally (docs/method.md §4) under the model's mixing rule, whatever
+  it is: Python lists of blocks, the window as a cut of that list, learned logits indexed by slot (§12.5)."""
+  x = jnp.take(model.embedding[...], tokens_BxT, axis=0).astype(model.dtype)
+  rope = rope_tables(jnp.arange(tokens_BxT.shape[1]), model.head_dim, model.rope_theta)
+  rule, eps = model.mixing.rule, model.norm_eps
+  gains, output_gain = model.depth.gains()
+  projections = model.depth.query_projection
+  num_slots = model.schedule().num_slots
+
+  def mix(query, gain, blocks, partial, partial_column, projection=None):
+    sources, columns = blocks + [partial], list(range(len(blocks))) + [partial_column]
+    if rule.window:  # the embedding and the `window` newest
+      keep = [0] + [i for i in range(len(sources)) if i >= max(1, len(sources) - rule.window)]
+      sources, columns = [sources[i] for i in keep], [columns[i] for i in keep]
+    return literal_rule_mix(rule, sources, query, gain, eps, columns=columns, newest=partial, projection=projection)
+
+  blocks, partial = [], x
+  for l in range(model.num_sublayers):
+    starts_block = l % model.block_size == 0
+    projection = None if projections is None else projections[...][l // 2, l % 2]
+    h = mix(model.depth.pseudo_query[...][l // 2, l % 2], gains[l // 2, l % 2], blocks, partial,
+            len(blocks) if starts_block else num_slots, projection)
+    if starts_block:
+      blocks.append(partial)
+      partial = jnp.zeros_like(partial)
+    layer = layer_at(model, l // 2)
+    partial = partial + (layer.attention_sublayer(rope, h)[0] if l % 2 == 0 else layer.mlp_sublayer(h))
+  h = mix(model.depth.output_query[...], output_gain, blocks, partial, num_slots)
+  head = model.embedding[...].T if model.head is None else model.head[...]
+  return jnp.einsum("btd,dv->btv", model.final_norm(h), head.astype(model.dtype),
                     preferred_element_type=jnp.promote_types(model.dtype, jnp.float32))

@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from attnres_jax import depth_attention
-from attnres_jax.residuals.depth_loop import DepthParams, sublayer_query
-from attnres_jax.residuals.mixing_rules import MixingRule, mix_sources, source_weights
+from attnres_jax.residuals.depth_mixing import DepthParams, Mixing, sublayer_query
+from attnres_jax.residuals.mixing_rules import ContentLogits, LearnedLogits, mix_sources, source_weights
 from attnres_jax.train.loss import next_token_loss
 from helpers import REPO, VOCAB, assert_loss_and_gradients_match, make_model, max_rel_error, random_tokens
 from reference import full_reference_logits
@@ -30,7 +30,7 @@ def random_sources(seed=0, num_sources=5, width=16):
 def test_one_head_equals_the_spec_rule():
   sources, query = random_sources()
   visible = jnp.array([True, True, False, True, True])
-  got = mix_sources(MixingRule(num_heads=1), sources, visible, query, 1e-6)
+  got = mix_sources(ContentLogits(num_heads=1), sources, visible, query, 1e-6)
   want = depth_attention(sources, query, None, eps=1e-6, mask=jnp.broadcast_to(visible[:, None, None], (5, 2, 3)))
   assert max_rel_error(got, want) < 1e-5
 
@@ -38,9 +38,9 @@ def test_one_head_equals_the_spec_rule():
 def test_heads_softmax_separately_over_their_channel_groups():
   sources, query = random_sources()
   visible = jnp.ones(5, bool)
-  weights = source_weights(MixingRule(num_heads=4), sources, visible, query, 1e-6)
+  weights = source_weights(ContentLogits(num_heads=4), sources, visible, query, 1e-6)
   np.testing.assert_allclose(weights.sum(axis=0), 1.0, rtol=1e-6)
-  group = mix_sources(MixingRule(num_heads=4), sources, visible, query, 1e-6)[..., 4:8]
+  group = mix_sources(ContentLogits(num_heads=4), sources, visible, query, 1e-6)[..., 4:8]
   alone = depth_attention(sources[..., 4:8], query[4:8], None, eps=1e-6)  # its own group only
   assert max_rel_error(group, alone) > 1e-3  # the key norm still spans all of d
   keyed = sources * jax.lax.rsqrt(jnp.mean(sources**2, -1, keepdims=True) + 1e-6)
@@ -52,8 +52,8 @@ def test_key_norm_makes_weights_scale_invariant_and_its_ablation_does_not():
   sources, query = random_sources()
   visible, scaled = jnp.ones(5, bool), sources.at[2].multiply(10.0)
   weights = lambda rule, s: source_weights(rule, s, visible, query, 1e-6)
-  np.testing.assert_allclose(weights(MixingRule(), scaled), weights(MixingRule(), sources), rtol=1e-5, atol=1e-7)
-  off = MixingRule(key_norm=False)
+  np.testing.assert_allclose(weights(ContentLogits(), scaled), weights(ContentLogits(), sources), rtol=1e-5, atol=1e-7)
+  off = ContentLogits(key_norm=False)
   assert max_rel_error(weights(off, scaled), weights(off, sources)) > 0.1
 
 
@@ -84,7 +84,7 @@ FULL_VARIANTS = {
 def full_variant(name, **overrides):
   """A tiny Full AttnRes model of the variant, with random queries / logits / weights and query projection."""
   model = make_model("full", query_scale=0.3, **FULL_VARIANTS[name], **overrides)
-  if model.mixing_rule.normalization == "none":  # raw weights near their init of 1, not cancelling sums
+  if model.mixing.rule.normalization == "none":  # raw weights near their init of 1, not cancelling sums
     for weights in (model.depth.pseudo_query, model.depth.output_query):
       weights[...] = weights[...] + 1.0
   if model.depth.query_projection is not None:
@@ -133,24 +133,25 @@ def test_learned_logits_weights_are_the_same_for_every_token_and_content_weights
   sources, query = random_sources()
   visible = jnp.array([True, False, True, True, True])
   logits = jnp.array([0.5, 9.0, -1.0, 2.0, 0.0])
-  weights = source_weights(MixingRule(logits="learned"), sources, visible, logits, 1e-6)[..., 0]
+  weights = source_weights(LearnedLogits(), sources, visible, logits, 1e-6)[..., 0]
   want = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf))
   np.testing.assert_allclose(weights, jnp.broadcast_to(want[:, None, None], weights.shape), rtol=1e-6)
-  raw = source_weights(MixingRule(logits="learned", normalization="none"), sources, visible, logits, 1e-6)
+  raw = source_weights(LearnedLogits(normalization="none"), sources, visible, logits, 1e-6)
   np.testing.assert_array_equal(raw[:, 0, 0, 0], jnp.where(visible, logits, 0.0))
-  content = source_weights(MixingRule(), sources, visible, query, 1e-6)[..., 0]
+  content = source_weights(ContentLogits(), sources, visible, query, 1e-6)[..., 0]
   assert float(jnp.std(content, axis=(1, 2)).max()) > 1e-2
 
 
 def test_input_dependent_query_is_per_token_from_the_newest_source():
   sources, query = random_sources()
   projection = 0.3 * jax.random.normal(jax.random.key(3), (query.shape[0],) * 2)
-  per_token = sublayer_query(DepthParams(query, jnp.ones_like(query), projection), sources[-1])
+  per_token = sublayer_query(Mixing(ContentLogits(query_projection=True)),
+                             DepthParams(query, jnp.ones_like(query), projection), sources[-1])
   np.testing.assert_allclose(per_token, query + sources[-1] @ projection, rtol=1e-5, atol=1e-5)
   visible = jnp.ones(5, bool)
-  weights = source_weights(MixingRule(query_projection=True), sources, visible, per_token, 1e-6)
+  weights = source_weights(ContentLogits(query_projection=True), sources, visible, per_token, 1e-6)
   for b, t in [(0, 0), (1, 2)]:  # each token's softmax of its own query
-    alone = source_weights(MixingRule(), sources[:, b:b + 1, t:t + 1], visible, per_token[b, t], 1e-6)
+    alone = source_weights(ContentLogits(), sources[:, b:b + 1, t:t + 1], visible, per_token[b, t], 1e-6)
     np.testing.assert_allclose(weights[:, b, t], alone[:, 0, 0], rtol=1e-5)
   assert float(jnp.std(weights, axis=(1, 2)).max()) > 1e-2
 

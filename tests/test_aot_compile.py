@@ -135,3 +135,18 @@ def test_depth_kernel_compiles_for_tpu_at_paper_shapes():
   costs = aot_compile.compiler_costs(compiled)
   slot_bytes = 65536 * 1168 * 2
   assert costs["bytes accessed"] >= (9 + 8 + 9 + 8 + 9) * slot_bytes  # each kernel's inputs and outputs, once
+
+
+def test_an_expert_parallel_moe_train_step_compiles_for_tpu(chips):
+  """An AttnRes MoE model with its experts split over an `expert` axis of 2 chips (megablox grouped matmuls,
+  `moe.impl=auto` on TPU) compiles for a slice; each chip holds half of every expert stack."""
+  config = tiny_config("block")
+  config.model.update(dict(ffn="moe", d_ff=128))
+  config.model.moe.update(dict(num_experts=4, top_k=2, dense_layers=1))
+  config.mesh.update(dict(fsdp=2, expert=2))
+  result = aot_compile.compile_train_step(config, chips, unrolled=False)
+  assert result.total >= result.temp > 0
+  _, state = abstract_train_state(config, aot_compile.make_mesh(config.mesh, chips),
+                                  make_optimizer(config.optim, config.train.num_steps))
+  gate = state.params["layers"]["mlp"]["gate"].get_value()
+  assert gate.shape == (1, 4, 64, 128) and gate.sharding.shard_shape(gate.shape) == (1, 2, 32, 128)

@@ -84,7 +84,7 @@ def test_transformer_with_splash_vs_xla():
 def test_sharded_splash_vs_xla(kv_heads, local_heads):
   """On a (2, 2, 2) mesh each device runs the kernel on its 2 of 8 rows and, where the tensor axis divides
   the KV heads too, on its half of the heads; outputs and gradients equal XLA's on one device."""
-  mesh = jax.make_mesh((2, 2, 2), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+  mesh = jax.make_mesh((2, 2, 1, 2), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
   args = qkv(batch=8, seq_len=128, kv_heads=kv_heads)
   names = ("batch", "activation_length", "activation_heads", None)
   args = [jax.device_put(x, NamedSharding(mesh, logical_to_spec(names, x.shape, RULES, dict(mesh.shape))))
@@ -98,14 +98,14 @@ def test_sharded_splash_vs_xla(kv_heads, local_heads):
   assert_close(got, loss_and_grads("xla")(*[np.asarray(x) for x in args]), TOL[jnp.float32])
 
 
-def tpu_mesh(shape=(2, 1, 2)) -> Mesh:
+def tpu_mesh(shape=(2, 1, 1, 2)) -> Mesh:
   devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices
-  return Mesh(np.array(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+  return Mesh(np.array(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def test_auto_picks_by_the_platform_compiled_for():
   assert auto_impl(256, jnp.float32) == "xla"  # this CPU host
-  with activate(jax.make_mesh((8, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 3), RULES):
+  with activate(jax.make_mesh((8, 1, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES)), RULES):
     assert auto_impl(256, jnp.bfloat16) == "xla"
   with activate(tpu_mesh(), RULES):
     assert auto_impl(256, jnp.float32) == "splash"

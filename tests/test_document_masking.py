@@ -117,7 +117,7 @@ def test_splash_with_segment_ids_equals_xla_with_the_mask():
 
 def test_sharded_splash_with_batch_sharded_segment_ids_equals_xla():
   """On a (2, 2, 2) mesh each device runs the kernel on its 2 of 8 rows and their segment ids."""
-  mesh = jax.make_mesh((2, 2, 2), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+  mesh = jax.make_mesh((2, 2, 1, 2), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
   args = qkv(batch=8, seq_len=128, heads=2, kv_heads=2, head_dim=16) + [random_segment_ids(8, 128)]
   names = [("batch", "activation_length", "activation_heads", None)] * 3 + [("batch", "activation_length")]
   args = [jax.device_put(x, NamedSharding(mesh, logical_to_spec(n, x.shape, RULES, dict(mesh.shape))))

@@ -2,7 +2,8 @@
 
 Per sublayer: the RMS of its input and output, the gradient norm of its own
 weights (pre-norm included), and for AttnRes the token-averaged depth weights
-over its sources `[L, N + 1]` (and the output query's). A separate jitted
+over its sources `[L, N + 1]` (and the output query's); for MoE models each
+layer's load per expert `expert_load` `[L_moe, E]` (docs/method.md §16). A separate jitted
 step computes them on the first micro-batch of the step's batch, before the
 update, so the training step itself is unchanged. Records go to
 `<workdir>/dynamics.jsonl` (read back by `read_dynamics`; a resumed run's
@@ -47,11 +48,13 @@ def make_dynamics_step(graphdef: nnx.GraphDef, grad_accum_steps: int, *, loss_ch
 
     def loss_and_stats(params):
       model = nnx.merge(graphdef, params)
-      h_BxTxD, stats = model.hidden(inputs_MxT, segment_ids_BxT=segment_ids_MxT, return_stats=True)
-      return lm_head_loss(model, h_BxTxD, micro_batch_MxT1[:, 1:], loss_chunk_size), stats
+      output = model.forward(inputs_MxT, segment_ids_BxT=segment_ids_MxT, return_stats=True)
+      stats = output.stats if output.moe is None else {**output.stats, "expert_load": output.moe.expert_load_E}
+      return lm_head_loss(model, output.hidden_BxTxD, micro_batch_MxT1[:, 1:], loss_chunk_size), stats
 
     (loss, stats), grads = jax.value_and_grad(loss_and_stats, has_aux=True)(params)
-    return {"loss": loss, **stats, "grad_norm": sublayer_grad_norms(grads["layers"])}
+    stacks = [grads[name] for name in ("dense_layers", "layers") if name in grads]  # in layer order
+    return {"loss": loss, **stats, "grad_norm": jnp.concatenate([sublayer_grad_norms(g) for g in stacks])}
 
   return jax.jit(dynamics)
 
@@ -73,6 +76,13 @@ class DynamicsLog:
     for name in ("input_rms", "output_rms", "grad_norm"):
       for sublayer, value in enumerate(values[name]):
         self.tensorboard.add_scalar(f"dynamics/{name}/sublayer_{sublayer:03d}", value, step)
+    if "expert_load" in values:  # MoE layer x expert, as a multiple of the balanced load 1 / E
+      load = values["expert_load"] * values["expert_load"].shape[-1]
+      for layer, per_expert in enumerate(load):
+        self.tensorboard.add_scalar(f"dynamics/expert_load_max/moe_layer_{layer:03d}", per_expert.max(), step)
+        self.tensorboard.add_scalar(f"dynamics/expert_load_min/moe_layer_{layer:03d}", per_expert.min(), step)
+      self.tensorboard.add_image("dynamics/expert_load", (load / max(load.max(), 1e-12))[None], step,
+                                 dataformats="CHW")
     if "depth_weights" in values:  # target sublayer x source, scaled to the largest absolute weight
       weights = np.abs(values["depth_weights"])
       image = weights / max(weights.max(), 1e-12)

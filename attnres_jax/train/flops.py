@@ -3,6 +3,8 @@
 import jax
 import ml_collections
 
+from attnres_jax.model.moe import active_params_per_token, spec_from_config
+from attnres_jax.model.transformer import dense_ffn_width
 from attnres_jax.residuals.hyper_connections import StreamMixing
 from attnres_jax.residuals.schedule import BlockSchedule
 
@@ -24,15 +26,19 @@ HBM_BYTES = {"TPU v4": 32 * 2**30, "TPU v5 lite": 16 * 2**30, "TPU v5e": 16 * 2*
 def forward_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> dict[str, float]:
   """Multiply-adds x 2 of one token's forward pass, split by kind.
 
-  matmul: projections, MLP and LM head; attention: scores and values over the
+  matmul: projections, MLP (MoE: the router and the experts a token is sent to, by active parameters)
+  and LM head; attention: scores and values over the
   causal context (average seq_len / 2 keys); depth: AttnRes logits and sums
   (2 x 2d per visible source per sublayer, plus the output query; and the
   input-dependent query's d x d projection), or mHC's stream coefficients and mixing.
   """
   d, head_dim = model.d_model, model.head_dim or model.d_model // model.num_heads
   attention_params = d * head_dim * (2 * model.num_heads + 2 * model.num_kv_heads)
-  layer_params = attention_params + 3 * d * model.d_ff
-  matmul = 2 * (model.num_layers * layer_params + d * model.vocab_size)
+  dense_ffn_params = 3 * d * dense_ffn_width(model)
+  num_moe = model.num_layers - model.moe.dense_layers if model.ffn == "moe" else 0
+  ffn_params = ((model.num_layers - num_moe) * dense_ffn_params
+                + num_moe * (active_params_per_token(d, spec_from_config(model)) if num_moe else 0))
+  matmul = 2 * (model.num_layers * attention_params + ffn_params + d * model.vocab_size)
   attention = 2 * 2 * model.num_layers * model.num_heads * head_dim * seq_len / 2
   depth, num_sublayers = 0.0, 2 * model.num_layers
   if model.residual in ("full", "block"):

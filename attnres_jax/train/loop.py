@@ -122,7 +122,10 @@ def _train_and_evaluate(config, workdir, mesh, profiler) -> dict[str, float]:
   if is_main:
     write_json_atomically(os.path.join(workdir, "config.json"), config_json)
     num_params = sum(np.size(p) for p in jax.tree.leaves(state.params))
-    print(f"[{run_name}] {config.model.residual} model, {num_params:,} parameters; {tokens_per_step:,} tokens "
+    model = config.model
+    moe = (f" with MoE FFNs ({model.moe.num_experts} experts, top-{model.moe.top_k}, "
+           f"{model.moe.num_shared_experts} shared)" if model.ffn == "moe" else "")
+    print(f"[{run_name}] {model.residual} model{moe}, {num_params:,} parameters; {tokens_per_step:,} tokens "
           f"per step, steps {start_step} -> {num_steps}"
           f"{' (resumed)' if start_step else ''}; mesh {dict(mesh.shape)} of {jax.devices()[0].platform} "
           f"devices over {process_count} process(es); "

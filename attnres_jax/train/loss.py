@@ -42,6 +42,25 @@ def next_token_loss(model, tokens_BxT1: Array, chunk_size: int = 0, eod_id: int 
                       chunk_size)
 
 
+def training_loss(model, tokens_BxT1: Array, chunk_size: int = 0, eod_id: int | None = None
+                  ) -> tuple[Array, dict[str, Array]]:
+  """The objective a train step minimises: `next_token_loss` plus the MoE layers' weighted auxiliary losses
+  (docs/method.md §16); and its parts: `cross_entropy` and, for MoE models, the layers' mean `moe_aux_loss`,
+  `moe_z_loss`, `moe_dropped_fraction`, the load imbalance `moe_max_load` (largest expert load over the mean)
+  and each layer's `expert_load` `[L_moe, E]`."""
+  inputs_BxT = tokens_BxT1[:, :-1]
+  segment_ids_BxT = None if eod_id is None else document_segment_ids(inputs_BxT, eod_id)
+  output = model.forward(inputs_BxT, segment_ids_BxT=segment_ids_BxT)
+  loss = lm_head_loss(model, output.hidden_BxTxD, tokens_BxT1[:, 1:], chunk_size)
+  parts = {"cross_entropy": loss}
+  if output.moe is not None:
+    load_LxE = output.moe.expert_load_E
+    parts.update(moe_aux_loss=jnp.mean(output.moe.aux_loss), moe_z_loss=jnp.mean(output.moe.z_loss),
+                 moe_dropped_fraction=jnp.mean(output.moe.dropped_fraction),
+                 moe_max_load=jnp.max(load_LxE * load_LxE.shape[-1]), expert_load=load_LxE)
+  return loss + output.aux_loss, parts
+
+
 def lm_head_loss(model, hidden_BxTxD: Array, targets_BxT: Array, chunk_size: int = 0) -> Array:
   """Mean cross-entropy of the targets under `model.logits` of final-normed hidden states.
 

@@ -37,12 +37,21 @@ SAFE_TO_CHANGE = (
     "data.cache_dir", "mesh", "distributed",
     "model.remat", "model.depth_attention_impl", "model.two_phase", "optim.grad_accum_steps",
     "model.attention_impl", "model.unroll_layers", "train.loss_chunk_size", "train.profile_steps",
+    "model.moe.impl",
 )
 
 
 # Fields added to the config after workdirs were first written, and the value that reproduces those runs.
-ADDED_FIELDS = {"model": {"attention_impl": "xla", "unroll_layers": False, "depth_scan_segments": 1},
+# The MoE fields of a dense model (ffn=swiglu) change nothing; these are configs/base.py's.
+DENSE_MOE_FIELDS = {"num_experts": 8, "top_k": 2, "num_shared_experts": 1, "score_function": "softmax",
+                    "normalize_top_k": True, "routed_scaling_factor": 1.0, "capacity_factor": 0.0, "impl": "auto",
+                    "dense_layers": 0, "dense_d_ff": 0, "aux_loss_coef": 1e-3, "z_loss_coef": 0.0,
+                    "bias_update_rate": 1e-3}
+ADDED_FIELDS = {"model": {"attention_impl": "xla", "unroll_layers": False, "depth_scan_segments": 1,
+                          "ffn": "swiglu", "moe": DENSE_MOE_FIELDS},
+                "mesh": {"expert": 1},
                 "data": {"tokenizer": "bytes", "bpe_vocab_size": 4096, "document_masking": False},
+                "optim": {"name": "adamw", "muon_momentum": 0.95, "muon_ns_steps": 5, "muon_match_adamw_rms": True},
                 "train": {"loss_chunk_size": 0, "profile_steps": ""}}
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from attnres_jax.train.loss import next_token_loss
+from attnres_jax.train.loss import next_token_loss, training_loss
 
 Array = jax.Array
 
@@ -36,22 +36,27 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
   """
 
   def loss_fn(params, tokens_BxT1):
-    return next_token_loss(nnx.merge(graphdef, params), tokens_BxT1, loss_chunk_size, eod_id=eod_id)
+    return training_loss(nnx.merge(graphdef, params), tokens_BxT1, loss_chunk_size, eod_id=eod_id)
 
   def train_step(state: TrainState, tokens_BxT1: Array):
     # Micro-batch a is rows a, a + A, ...: each one spans every device of the batch axes.
     micro_batches_AxMxT1 = tokens_BxT1.reshape((-1, grad_accum_steps) + tokens_BxT1.shape[1:]).swapaxes(0, 1)
 
     def accumulate(grads, micro_batch_MxT1):
-      loss, micro_grads = jax.value_and_grad(loss_fn)(state.params, micro_batch_MxT1)
-      return jax.tree.map(jnp.add, grads, micro_grads), loss
+      (_, parts), micro_grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, micro_batch_MxT1)
+      return jax.tree.map(jnp.add, grads, micro_grads), parts
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, losses_A = jax.lax.scan(accumulate, zeros, micro_batches_AxMxT1, unroll=unroll)
+    grads, parts_A = jax.lax.scan(accumulate, zeros, micro_batches_AxMxT1, unroll=unroll)
+    parts = jax.tree.map(lambda x: jnp.mean(x, axis=0), parts_A)
     grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": jnp.mean(losses_A), "grad_norm": optax.tree.norm(grads),
+    if "expert_load" in parts:  # auxiliary-loss-free balancing of the MoE layers, after the update
+      model = nnx.merge(graphdef, params)
+      model.balance_experts(parts.pop("expert_load"))
+      params = nnx.split(model, nnx.Param)[1]
+    metrics = {"loss": parts.pop("cross_entropy"), **parts, "grad_norm": optax.tree.norm(grads),
                "update_norm": optax.tree.norm(updates), "param_norm": optax.tree.norm(params)}
     return TrainState(params, opt_state, state.step + 1, state.rng), metrics
 
