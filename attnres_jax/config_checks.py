@@ -149,16 +149,18 @@ def check_platform(model: Mapping[str, Any], platform: str) -> None:
   if needs and platform != needs:
     _fail("attention_impl", model["attention_impl"], f"runs on {needs.upper()} only and this run is on {platform}: "
           "use auto (picks by platform), xla, or splash_interpret (the TPU kernel, interpreted, on CPU)")
+  if model["ffn"] == "moe" and model["moe"]["impl"] == "megablox" and platform != "tpu":
+    _fail("moe.impl", "megablox", f"the megablox kernel compiles for TPU only and this run is on {platform}: use "
+          "auto (picks by platform), ragged_dot, or megablox_interpret (the TPU kernel, interpreted, on CPU)")
 
 
 def check_run_config(config: Mapping[str, Any], process_count: int = 1, platform: str = "cpu") -> None:
   """Checks `config.model`, `config.data`, `config.optim` and `config.train` of a training run on `platform`."""
   check_model_config(config["model"], vocab_from_data=True)
   check_platform(config["model"], platform)
-  experts, expert_devices = config["model"]["moe"]["num_experts"], config["mesh"]["expert"]
-  if config["model"]["ffn"] == "moe" and expert_devices > 1 and experts % expert_devices:
-    _fail("expert", expert_devices, f"must divide config.model.moe.num_experts={experts} (each device holds "
-          "whole experts)", "mesh")
+  if config["model"]["ffn"] == "moe" and config["mesh"]["expert"] > 1:  # -1: checked once the mesh is made
+    check_moe_spec(spec_from_config(config["model"]), expert_parallelism=config["mesh"]["expert"],
+                   prefix="config.model.moe.")
   if "float64" in (config["model"]["dtype"], config["model"]["param_dtype"]) and not jax.config.jax_enable_x64:
     _fail("dtype", config["model"]["dtype"], "float64 needs JAX_ENABLE_X64=1 in the environment (else jax "
           "silently computes in float32)")

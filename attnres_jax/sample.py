@@ -70,6 +70,8 @@ def load_model(workdir: str, config: ml_collections.ConfigDict):
     config.model.depth_attention_impl = "xla"  # the same math; the kernel compiles for accelerators only
   if config.model.attention_impl in ("splash", "cudnn"):
     config.model.attention_impl = "auto"  # the same math; each kernel runs on its own platform only
+  if config.model.moe.impl == "megablox" and jax.default_backend() != "tpu":
+    config.model.moe.impl = "auto"  # the same grouped matmuls; megablox compiles for TPU only
   tx = make_optimizer(config.optim, config.train.num_steps)
   graphdef, abstract = abstract_train_state(config, make_mesh(config.mesh), tx)
   checkpointer = Checkpointer(workdir, max_to_keep=config.train.max_to_keep, async_checkpointing=False,

@@ -135,7 +135,8 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> NamedSharding:
 
 def check_mesh_fits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, process_count: int | None = None,
                     process_of: Callable[[jax.Device], int] = lambda device: device.process_index) -> None:
-  """Every micro-batch splits over the batch axes, and every process feeds whole batch shards of its own.
+  """Every micro-batch splits over the batch axes, every process feeds whole batch shards of its own, and the
+  expert axis splits whole MoE experts.
 
   Each process loads its own rows of the global `[B, T + 1]` batch and
   `jax.make_array_from_process_local_data` puts them on its devices. So each
@@ -147,6 +148,10 @@ def check_mesh_fits(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
   """
   sizes = dict(mesh.shape)
   where = f"config.mesh=({', '.join(f'{axis}={sizes[axis]}' for axis in MESH_AXES)})"
+  experts = config.model.moe.num_experts
+  if config.model.ffn == "moe" and experts % sizes.get("expert", 1):
+    raise ValueError(f"{where}: config.model.moe.num_experts={experts} must be divisible by the expert axis "
+                     "(each device holds whole experts)")
   batch_axes = [a for a in _batch_axes(config.mesh.rules) if sizes.get(a, 1) > 1]
   batch_devices = math.prod(sizes[a] for a in batch_axes)
   global_batch, accum = config.data.global_batch_size, config.optim.grad_accum_steps

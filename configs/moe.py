@@ -3,7 +3,7 @@
 The default model's shape with its SwiGLU replaced by 8 routed experts (top-2)
 and 1 shared expert, each 128 wide: per token it multiplies as many FFN
 weights (3 experts x 128 = the dense width 384) as `configs/block.py`, with
-2.7x its FFN parameters. The first layer stays dense, 384 wide.
+2.5x its FFN parameters. The first layer stays dense, 384 wide.
 """
 
 from configs import base

@@ -1,7 +1,7 @@
 """Step time, compile time and compiled temp memory of PreNorm, Full and Block AttnRes (direct and two-phase).
 
-Each row is one fwd+bwd step (`value_and_grad` of the next-token loss, remat as
-configured) at one depth and width; ratios are against `prenorm` at the same
+Each row is one fwd+bwd step (`value_and_grad` of the training objective,
+`train.loss.training_loss`, remat as configured) at one depth and width; ratios are against `prenorm` at the same
 depth and width, measured in the same run. Memory is XLA's compiled temp
 allocation (`memory_analysis().temp_size_in_bytes`), which excludes
 parameters, inputs and outputs. MFU is the model's training FLOPs
@@ -11,6 +11,12 @@ device's dense peak for `--dtype`; "-" where the peak is not known (CPUs).
   python -m experiments.bench_step --sublayers=8,16,32 --d_models=256,512   # from the repository root
   python -m experiments.bench_step --sublayers=32 --d_models=1280 --batch=4 --seq_len=8192 \
     --dtype=bfloat16 --attention_impl=cudnn   # one GPU
+  python -m experiments.bench_step --sublayers=16 --d_models=256 --residuals=prenorm,full,block --ffn=moe
+
+`--ffn=moe` makes every FFN a Mixture-of-Experts layer whose experts a token
+uses multiply as many weights as the dense SwiGLU (equal active parameters);
+ratios are against PreNorm MoE, and a last row is the dense PreNorm of that
+active width.
 """
 
 import argparse
@@ -46,6 +52,7 @@ class MoEShape(NamedTuple):
   def expert_width(self, dense_width: int) -> int:
     return -(-dense_width // (self.top_k + self.shared) // 64) * 64
 
+
 def model_config(variant: str, num_sublayers: int, d_model: int, num_blocks: int, remat: str, *,
                  dtype: str = "float32", attention_impl: str = "xla", moe: MoEShape | None = None):
   """The benchmarked model: 64-channel heads, SwiGLU width about 8/3 d, Block S = L // N; with `moe`, every
@@ -65,7 +72,6 @@ def model_config(variant: str, num_sublayers: int, d_model: int, num_blocks: int
     config.update(dict(ffn="moe", d_ff=moe.expert_width(config.d_ff)))
     config.moe.update(dict(num_experts=moe.experts, top_k=moe.top_k, num_shared_experts=moe.shared))
   return config
-
 
 
 def parse_variants(residuals: str) -> list[str]:

@@ -134,7 +134,8 @@ def test_the_cpu_moe_config_trains_and_logs_expert_load(tmp_path):
 def test_moe_config_errors():
   config = moe.get_config()
   config.mesh.expert = 3
-  with pytest.raises(ValueError, match=r"config\.mesh\.expert=3: must divide config\.model\.moe\.num_experts=8"):
+  with pytest.raises(ValueError, match=r"config\.model\.moe\.num_experts=8: must be divisible by the expert mesh "
+                     r"axis \(3 devices\)"):
     check_run_config(config)
   config = moe.get_config()
   config.model.moe.dense_layers = 4

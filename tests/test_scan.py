@@ -104,12 +104,13 @@ def _aux_sublayer(k, fn):
   return sublayer
 
 
-@pytest.mark.parametrize("remat,two_phase", [("full", False), ("none", False),
-                                             pytest.param("full", True, marks=pytest.mark.slow)])
-def test_auxiliary_losses_get_gradients_through_the_custom_vjp_over_layer_groups(remat, two_phase):
+@pytest.mark.parametrize("remat,two_phase,segments", [("full", False, 1), ("none", False, 1), ("full", False, 4),
+                                                      pytest.param("full", True, 1, marks=pytest.mark.slow)])
+def test_auxiliary_losses_get_gradients_through_the_custom_vjp_over_layer_groups(remat, two_phase, segments):
   """Two groups of layers with different sublayers (2 `tanh` layers, then 3 `sin` ones), Block S = 3: the
   loop's output and the sum of the sublayers' auxiliary losses have the gradients of a literal Python loop
-  (`reference.depth_attention`); side outputs come back per group, stacked over its layers."""
+  (`reference.depth_attention`); side outputs come back per group, stacked over its layers. With 4 segments
+  the scans are also cut inside each group."""
   width, block_size, sizes = 8, 3, (2, 3)
   keys = jax.random.split(jax.random.key(1), 6)
   group_weights = tuple(jax.random.normal(key, (size, 2, width, width)) / np.sqrt(width)
@@ -118,7 +119,8 @@ def test_auxiliary_losses_get_gradients_through_the_custom_vjp_over_layer_groups
                           1.0 + 0.1 * jax.random.normal(keys[3], (5, 2, width)))
   embedding_BxTxD = jax.random.normal(keys[4], (2, 4, width))
   functions = (jnp.tanh, jnp.sin)
-  spec = LoopSpec(BlockSchedule(5, 2, block_size), remat=remat, two_phase=two_phase)
+  spec = LoopSpec(BlockSchedule(5, 2, block_size), remat=remat, two_phase=two_phase, segments=segments)
+  assert len(spec.runs(sizes)) == (2 if segments == 1 else 4)
 
   def loop_loss(group_weights, depth_LxK, embedding_BxTxD):
     groups = tuple(LayerGroup((_aux_sublayer(0, fn), _aux_sublayer(1, fn)), weights)

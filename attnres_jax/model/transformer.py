@@ -1,8 +1,10 @@
 """Decoder-only LM whose depth mixing is PreNorm, Full AttnRes, Block AttnRes or mHC.
 
 docs/method.md §1: each transformer layer is two AttnRes sublayers
-(attention, then MLP), each keeping its own pre-norm. Layer parameters are
-stacked along a leading `layers` axis and run by a scan (`residuals/`); the
+(attention, then the FFN: SwiGLU or Mixture-of-Experts, §16), each keeping its
+own pre-norm. Layer parameters are stacked along a leading `layers` axis and
+run by the depth loops' scans (`residuals/`), as one group of layers, or two
+for an MoE model whose first `moe.dense_layers` stay dense; the
 pseudo-queries live in `DepthQueries`, zero-initialised (docs/method.md §2; the
 §8 ablations change them, e.g. DenseFormer's weights start at 1), with
 the output query applied before the final norm (docs/method.md §5). mHC's stream
@@ -65,7 +67,7 @@ class TransformerLayer(nnx.Module):
                          segment_ids_BxT: Array | None = None):
     return self.attention(self.attention_norm(h_BxTxD), rope, cache, plan, segment_ids_BxT)
 
-  def mlp_sublayer(self, h_BxTxD: Array):
+  def mlp_sublayer(self, h_BxTxD: Array) -> Array | tuple[Array, MoEOutputs]:
     """SwiGLU: the output; MoE: the output and its `MoEOutputs`."""
     return self.mlp(self.mlp_norm(h_BxTxD))
 
@@ -206,6 +208,8 @@ class Transformer(nnx.Module):
   def balance_experts(self, expert_load_LxE: Array) -> None:
     """Moves every MoE layer's selection bias towards balance by its measured load (`moe.updated_expert_bias`,
     DeepSeek-V3's auxiliary-loss-free balancing; docs/method.md §16)."""
+    if self.moe_loss_weights is None:
+      raise ValueError("balance_experts: this model has no MoE layers (model.ffn='swiglu')")
     bias = self.layers.mlp.expert_bias
     bias[...] = jax.vmap(updated_expert_bias, in_axes=(0, 0, None))(bias[...], expert_load_LxE,
                                                                   self.layers.mlp.spec.bias_update_rate)
@@ -239,7 +243,8 @@ class Transformer(nnx.Module):
 
   def forward(self, tokens_BxT: Array, *, segment_ids_BxT: Array | None = None,
               return_stats: bool = False) -> ModelOutput:
-    """Hidden states, the MoE layers' auxiliary loss and statistics, and (`return_stats`) the statistics."""
+    """Hidden states, the MoE layers' summed auxiliary loss and side outputs, and (`return_stats`) the
+    statistics of `__call__`."""
     output, _ = self._forward(tokens_BxT, jnp.arange(tokens_BxT.shape[1]), None, None, segment_ids_BxT,
                               return_stats)
     return output

@@ -1,7 +1,8 @@
 """Depth-mixing rules: how one query weighs the visible sources (docs/method.md §2, §8, Table 4).
 
 A rule is a small frozen dataclass registered in `RULES` under the value of
-`config.model.depth_logits` that selects it. It declares what it needs (the
+`config.model.depth_logits` that selects it (`from_config` reads its options).
+It declares what it needs (the
 width of its query, whether it has key gains or a query projection, the
 query's initial value) and whether the batched op of `attnres_jax.kernels`
 computes it (`fused`: the Pallas kernel, two-phase and the log-sum-exp merge
@@ -57,6 +58,11 @@ class MixingRule(abc.ABC):
   window: int = 0  # 0: every source; W: the W newest and the embedding (Full AttnRes)
 
   config_name: ClassVar[str]  # the value of config.model.depth_logits that selects the rule
+
+  @classmethod
+  def from_config(cls, model: Mapping[str, Any]) -> "MixingRule":
+    """The rule with the options `config.model`'s `depth_*` fields give it."""
+    return cls(normalization=model["depth_normalization"], window=model["depth_window"])
 
   @property
   def fused(self) -> bool:
@@ -118,6 +124,12 @@ class ContentLogits(MixingRule):
   query_projection: bool = False
 
   config_name: ClassVar[str] = "content"
+
+  @classmethod
+  def from_config(cls, model: Mapping[str, Any]) -> "ContentLogits":
+    return cls(normalization=model["depth_normalization"], window=model["depth_window"],
+               key_norm=model["depth_key_norm"], num_heads=model["depth_heads"],
+               query_projection=model["depth_query_projection"])
 
   @property
   def fused(self) -> bool:
@@ -182,13 +194,8 @@ LOGITS = tuple(RULES)
 
 
 def rule_from_config(model: Mapping[str, Any]) -> MixingRule:
-  """The rule that `config.model`'s `depth_*` fields select."""
-  rule_class = RULES[model["depth_logits"]]
-  fields = dict(normalization=model["depth_normalization"], window=model["depth_window"])
-  if rule_class is ContentLogits:
-    fields.update(key_norm=model["depth_key_norm"], num_heads=model["depth_heads"],
-                  query_projection=model["depth_query_projection"])
-  return rule_class(**fields)
+  """The rule that `config.model`'s `depth_*` fields select (`depth_logits` names it in `RULES`)."""
+  return RULES[model["depth_logits"]].from_config(model)
 
 
 def source_weights(rule: MixingRule, sources_SxBxTxD: Array, visible_S: Array, query_gain: Array,

@@ -23,9 +23,9 @@ def _layer(x, xs, *, sublayers: tuple[SublayerFn, ...], consts: PyTree, mixing: 
       h_BxTxD = read(mix, x)
     output = sublayer(params, consts, h_BxTxD)
     aux_losses.append(aux_loss_of(output))
-    sides.append(output.side)
+    sides.append(jax.lax.stop_gradient(output.side))  # as in attnres_loop: side outputs carry no gradient
     if collect_stats:
-      stats.append((rms(h_BxTxD), rms(output.out_BxTxD)))
+      stats.append(jax.lax.stop_gradient((rms(h_BxTxD), rms(output.out_BxTxD))))
     x = x + output.out_BxTxD if mixing is None else write(mix, x, output.out_BxTxD)
   return x, (sum(aux_losses), tuple(sides), stats)
 

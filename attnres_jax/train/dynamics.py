@@ -50,7 +50,8 @@ def make_dynamics_step(graphdef: nnx.GraphDef, grad_accum_steps: int, *, loss_ch
       model = nnx.merge(graphdef, params)
       output = model.forward(inputs_MxT, segment_ids_BxT=segment_ids_MxT, return_stats=True)
       stats = output.stats if output.moe is None else {**output.stats, "expert_load": output.moe.expert_load_E}
-      return lm_head_loss(model, output.hidden_BxTxD, micro_batch_MxT1[:, 1:], loss_chunk_size), stats
+      loss = lm_head_loss(model, output.hidden_BxTxD, micro_batch_MxT1[:, 1:], loss_chunk_size)
+      return loss + output.aux_loss, stats  # the objective trained: the MoE's auxiliary losses included
 
     (loss, stats), grads = jax.value_and_grad(loss_and_stats, has_aux=True)(params)
     stacks = [grads[name] for name in ("dense_layers", "layers") if name in grads]  # in layer order

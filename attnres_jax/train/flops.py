@@ -37,7 +37,7 @@ def forward_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> d
   dense_ffn_params = 3 * d * dense_ffn_width(model)
   num_moe = model.num_layers - model.moe.dense_layers if model.ffn == "moe" else 0
   ffn_params = ((model.num_layers - num_moe) * dense_ffn_params
-                + num_moe * (active_params_per_token(d, spec_from_config(model)) if num_moe else 0))
+                + num_moe * active_params_per_token(d, spec_from_config(model)))
   matmul = 2 * (model.num_layers * attention_params + ffn_params + d * model.vocab_size)
   attention = 2 * 2 * model.num_layers * model.num_heads * head_dim * seq_len / 2
   depth, num_sublayers = 0.0, 2 * model.num_layers

@@ -42,7 +42,7 @@ SAFE_TO_CHANGE = (
 
 
 # Fields added to the config after workdirs were first written, and the value that reproduces those runs.
-# The MoE fields of a dense model (ffn=swiglu) change nothing; these are configs/base.py's.
+# The MoE fields of a dense model (ffn=swiglu) change nothing (`check_resume` ignores them); configs/base.py's.
 DENSE_MOE_FIELDS = {"num_experts": 8, "top_k": 2, "num_shared_experts": 1, "score_function": "softmax",
                     "normalize_top_k": True, "routed_scaling_factor": 1.0, "capacity_factor": 0.0, "impl": "auto",
                     "dense_layers": 0, "dense_d_ff": 0, "aux_loss_coef": 1e-3, "z_loss_coef": 0.0,
@@ -74,11 +74,15 @@ def check_resume(saved: Mapping[str, Any], config: ml_collections.ConfigDict, st
 
   Returns the fields that changed and are accepted (for the run to print).
   """
-  changes = config_changes(complete_saved_config(saved), _as_json(config))
+  saved = complete_saved_config(saved)
+  changes = config_changes(saved, _as_json(config))
   accepted = {field.strip() for field in config.train.resume_accept_changes.split(",") if field.strip()}
+  dense = saved["model"]["ffn"] == config.model.ffn == "swiglu"  # then the MoE fields change nothing
   refused = {}
   for field, (was, now) in changes.items():
     if any(field == safe or field.startswith(safe + ".") for safe in SAFE_TO_CHANGE) or field in accepted:
+      continue
+    if dense and field.startswith("model.moe."):
       continue
     if field == "train.num_steps" and _same_learning_rates(config, was, step):
       continue

@@ -32,7 +32,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
   layout of the old one, so the donated buffers are reused step after step.
   `loss_chunk_size` and `eod_id` (document masking) are `next_token_loss`'s;
   `unroll` unrolls the micro-batch loop (the TPU compiler's cost analysis
-  counts a loop body once).
+  counts a loop body once). It minimises `training_loss` (for MoE models the
+  cross-entropy plus their auxiliary losses), then moves the MoE selection
+  biases by the step's expert loads (docs/method.md §16). Metrics: `loss` (the
+  cross-entropy), the MoE parts of `training_loss`, and gradient, update and
+  parameter norms.
   """
 
   def loss_fn(params, tokens_BxT1):
