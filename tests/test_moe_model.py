@@ -32,7 +32,7 @@ def moe_model(residual="block", **moe_overrides):
                     param_dtype="float64", moe={**MOE, **moe_overrides})
 
 
-@pytest.mark.parametrize("residual", ["block", "prenorm"])
+@pytest.mark.parametrize("residual", ["block", pytest.param("prenorm", marks=pytest.mark.slow)])
 def test_objective_and_gradients_equal_the_literal_loop_with_auxiliary_losses(residual):
   """float64: cross-entropy + the MoE layers' weighted balancing and z-losses, and every gradient (the router's
   included, which the auxiliary loss moves), equal autodiff of the literal depth loop."""
@@ -59,8 +59,10 @@ def test_objective_and_gradients_equal_the_literal_loop_with_auxiliary_losses(re
     assert float(jnp.max(jnp.abs(got_grads["layers"]["mlp"]["expert_bias"][...]))) == 0.0
 
 
-def test_expert_parallel_mesh_equals_one_device():
-  """8 fake devices, data=2 x expert=4 (and fsdp=2 x expert=2 x tensor=2): the training objective and every
+@pytest.mark.parametrize("axes_sizes,local_experts", [
+    (dict(data=2, expert=4), 2), pytest.param(dict(fsdp=2, expert=2, tensor=2), 4, marks=pytest.mark.slow)])
+def test_expert_parallel_mesh_equals_one_device(axes_sizes, local_experts):
+  """8 fake devices, data=2 x expert=4 (or fsdp=2 x expert=2 x tensor=2): the training objective and every
   gradient of an AttnRes MoE model equal one device's."""
   def objective_and_grads(mesh_axes):
     config = moe.get_config()
@@ -78,12 +80,11 @@ def test_expert_parallel_mesh_equals_one_device():
     return value, {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(grads)}, local
 
   one_loss, one_grads, _ = objective_and_grads({})
-  for axes_sizes, local_experts in ((dict(data=2, expert=4), 2), (dict(fsdp=2, expert=2, tensor=2), 4)):
-    loss, grads, local = objective_and_grads(axes_sizes)
-    assert local[1] == local_experts, (axes_sizes, local)  # each device holds E / expert of the experts
-    np.testing.assert_allclose(loss, one_loss, rtol=1e-6)
-    for path, want in one_grads.items():
-      np.testing.assert_allclose(grads[path], want, rtol=0, atol=5e-5 * np.abs(want).max() + 1e-9, err_msg=path)
+  loss, grads, local = objective_and_grads(axes_sizes)
+  assert local[1] == local_experts, (axes_sizes, local)  # each device holds E / expert of the experts
+  np.testing.assert_allclose(loss, one_loss, rtol=1e-6)
+  for path, want in one_grads.items():
+    np.testing.assert_allclose(grads[path], want, rtol=0, atol=5e-5 * np.abs(want).max() + 1e-9, err_msg=path)
 
 
 @pytest.mark.slow
@@ -115,12 +116,12 @@ def test_paper_moe_sizes_are_valid_and_keep_the_dense_active_width(size):
 
 
 def test_the_cpu_moe_config_trains_and_logs_expert_load(tmp_path):
-  """configs/moe.py, shortened to 40 steps of shorter windows."""
+  """configs/moe.py, shortened to 30 steps of shorter windows."""
   workdir = str(tmp_path / "moe")
-  code, output = run_main(workdir, "--config.train.num_steps=40", "--config.optim.warmup_steps=10",
+  code, output = run_main(workdir, "--config.train.num_steps=30", "--config.optim.warmup_steps=10",
                           "--config.train.log_every=10", "--config.train.dynamics_every=20",
-                          "--config.train.eval_every=40", "--config.train.eval_batches=2",
-                          "--config.train.checkpoint_every=40", "--config.data.seq_len=64", config="configs/moe.py")
+                          "--config.train.eval_every=30", "--config.train.eval_batches=2",
+                          "--config.train.checkpoint_every=30", "--config.data.seq_len=32", config="configs/moe.py")
   assert code == 0, output
   with open(os.path.join(workdir, "metrics.jsonl")) as lines:
     train = [record for record in map(json.loads, lines) if record.get("split") == "train"]

@@ -104,8 +104,9 @@ def _aux_sublayer(k, fn):
   return sublayer
 
 
-@pytest.mark.parametrize("remat,two_phase,segments", [("full", False, 1), ("none", False, 1), ("full", False, 4),
-                                                      pytest.param("full", True, 1, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("remat,two_phase,segments", [
+    ("full", False, 1), ("full", False, 4), *(pytest.param(remat, two_phase, 1, marks=pytest.mark.slow)
+                                              for remat, two_phase in (("none", False), ("full", True)))])
 def test_auxiliary_losses_get_gradients_through_the_custom_vjp_over_layer_groups(remat, two_phase, segments):
   """Two groups of layers with different sublayers (2 `tanh` layers, then 3 `sin` ones), Block S = 3: the
   loop's output and the sum of the sublayers' auxiliary losses have the gradients of a literal Python loop
