@@ -20,7 +20,8 @@ FFNS = ("swiglu", "moe")
 DTYPES = ("float32", "bfloat16", "float64")  # float64 needs jax_enable_x64 (gradient checks)
 # Depth-attention fields, which must keep these values where there is no depth attention (prenorm, mhc).
 DEPTH_DEFAULTS = {"depth_key_norm": True, "depth_normalization": "softmax", "depth_heads": 1, "depth_window": 0,
-                  "depth_logits": "content", "depth_query_projection": False, "depth_attention_impl": "xla"}
+                  "depth_logits": "content", "depth_query_projection": False, "depth_query_norm": False,
+                  "depth_attention_impl": "xla"}
 
 
 def _fail(field: str, value: Any, requirement: str, section: str = "model"):
@@ -92,8 +93,11 @@ def _check_mixing_rule(model: Mapping[str, Any]) -> None:
     _fail("depth_window", model["depth_window"], "applies to residual=full only")
   if model["depth_logits"] not in LOGITS:
     _fail("depth_logits", model["depth_logits"], f"must be one of {LOGITS}")
-  if not isinstance(model["depth_query_projection"], bool):
-    _fail("depth_query_projection", model["depth_query_projection"], "must be True or False")
+  for field in ("depth_query_projection", "depth_query_norm"):
+    if not isinstance(model[field], bool):
+      _fail(field, model[field], "must be True or False")
+  if model["depth_query_norm"] and not model["depth_query_projection"]:
+    _fail("depth_query_norm", True, "normalises the input of the query projection: set depth_query_projection=True")
   learned = model["depth_logits"] == "learned"
   if model["depth_normalization"] == "none" and not learned:
     _fail("depth_normalization", "none", "raw weights (DenseFormer) need depth_logits='learned'")
@@ -103,7 +107,7 @@ def _check_mixing_rule(model: Mapping[str, Any]) -> None:
     _fail("depth_query_projection", True, "learned logits have no query to project: use depth_logits='content'")
   if model["residual"] in ("prenorm", "mhc"):
     for field in ("depth_key_norm", "depth_normalization", "depth_heads", "depth_window", "depth_logits",
-                  "depth_query_projection", "depth_attention_impl"):
+                  "depth_query_projection", "depth_query_norm", "depth_attention_impl"):
       if model[field] != DEPTH_DEFAULTS[field]:
         _fail(field, model[field], f"has no effect with residual={model['residual']} (no depth attention); "
               f"leave it at {DEPTH_DEFAULTS[field]!r}")

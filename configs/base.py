@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.depth_window = 0  # Full AttnRes: attend to the last depth_window outputs + the embedding; 0 = all
   model.depth_logits = "content"  # content: w_l . RMSNorm(v_i) | learned: one scalar per (sublayer, source)
   model.depth_query_projection = False  # input-dependent query q_l = w_l + W_l h (h: the newest source)
+  model.depth_query_norm = False  # with the projection: q_l = w_l + W_l RMSNorm(h), our variant (docs/method.md §12.4)
   # mHC (residual=mhc; residuals/hyper_connections.py): m residual streams, doubly stochastic stream mixing.
   model.mhc_streams = 4  # m >= 2
   model.mhc_residual_mixing = "sinkhorn"  # sinkhorn (Sinkhorn-Knopp) | permutations (mHC-lite, m <= 5)

@@ -87,19 +87,10 @@ def reference_logits(model, tokens_BxT, record_sources=None, aux_losses=None):
 
 
 def full_variant_mix(model, values, query, gain, projection=None):
-  """`h` over the sources `values` of Full AttnRes under the model's ablation rule (docs/method.md §8), literally:
-  learned logits (input-independent mixing), raw learned weights (DenseFormer), or the query `w + W v_newest`."""
-  rule, v = model.mixing.rule, jnp.stack(values)
-  if isinstance(rule, LearnedLogits):
-    logits = jnp.broadcast_to(query[:len(values), None, None], v.shape[:-1])
-  else:
-    assert rule.key_norm and rule.num_heads == 1 and not rule.window
-    if projection is not None:
-      query = query + values[-1] @ projection
-    keys = gain * v / jnp.sqrt(jnp.mean(v * v, axis=-1, keepdims=True) + model.norm_eps)
-    logits = jnp.sum(keys * query, axis=-1)
-  weights = logits if rule.normalization == "none" else jax.nn.softmax(logits, axis=0)
-  return jnp.einsum("s...,s...d->...d", weights, v)
+  """`h` over the sources `values` of Full AttnRes under the model's ablation rule (docs/method.md §8): every
+  value is visible, its learned-logit column is its position, the newest feeds the input-dependent query."""
+  return literal_rule_mix(model.mixing.rule, values, query, gain, model.norm_eps, columns=list(range(len(values))),
+                          newest=values[-1], projection=projection)
 
 
 def full_reference_logits(model, tokens_BxT):
@@ -163,12 +154,15 @@ def mhc_reference_logits(model, tokens_BxT):
 
 def literal_rule_mix(rule, sources, query, gain, eps, *, columns, newest=None, projection=None):
   """`h` over the visible `sources` (a list, oldest first) under any registered rule, written out literally:
-  `columns` are the sources' learned-logit indices; `newest` feeds the input-dependent query `w + W newest`."""
+  `columns` are the sources' learned-logit indices; `newest` feeds the input-dependent query `w + W newest`
+  (`w + W RMSNorm(newest)` with the rule's `query_norm`)."""
   v = jnp.stack(sources)
   if isinstance(rule, LearnedLogits):
     logits = jnp.broadcast_to(query[jnp.array(columns)][:, None, None, None], v.shape[:-1] + (1,))
   else:
     if projection is not None:
+      if rule.query_norm:
+        newest = newest / jnp.sqrt(jnp.mean(newest * newest, axis=-1, keepdims=True) + eps)
       query = query + newest @ projection
     keys = v / jnp.sqrt(jnp.mean(v * v, axis=-1, keepdims=True) + eps) if rule.key_norm else v
     heads, width = rule.num_heads, v.shape[-1]

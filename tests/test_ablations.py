@@ -156,6 +156,22 @@ def test_input_dependent_query_is_per_token_from_the_newest_source():
   assert float(jnp.std(weights, axis=(1, 2)).max()) > 1e-2
 
 
+def test_normalized_input_dependent_query_ignores_the_newest_sources_scale():
+  """`w + W RMSNorm(h)` (docs/method.md §12.4) is the same query for `h` and `100 h`; the paper's `w + W h` is not."""
+  sources, query = random_sources()
+  projection = 0.3 * jax.random.normal(jax.random.key(3), (query.shape[0],) * 2)
+  depth = DepthParams(query, jnp.ones_like(query), projection)
+  query_of = lambda rule, newest: sublayer_query(Mixing(rule, eps=1e-6), depth, newest)
+  normalized = ContentLogits(query_projection=True, query_norm=True)
+  np.testing.assert_allclose(query_of(normalized, 100 * sources[-1]), query_of(normalized, sources[-1]), rtol=1e-5,
+                             atol=1e-5)
+  rms = jnp.sqrt(jnp.mean(sources[-1] ** 2, axis=-1, keepdims=True) + 1e-6)
+  np.testing.assert_allclose(query_of(normalized, sources[-1]), query + (sources[-1] / rms) @ projection, rtol=1e-5,
+                             atol=1e-5)
+  raw = ContentLogits(query_projection=True)
+  assert max_rel_error(query_of(raw, 100 * sources[-1]), query_of(raw, sources[-1])) > 1.0
+
+
 @pytest.mark.parametrize("name", ABLATIONS)
 def test_every_ablation_config_trains_one_step(name):
   config = importlib.import_module(f"configs.ablations.{name}").get_config().model

@@ -32,6 +32,7 @@ CASES = [
     (dict(depth_logits="learned", depth_heads=2), "depth_heads"),
     (dict(depth_logits="learned", depth_query_projection=True), "depth_query_projection"),
     (dict(depth_query_projection=True, two_phase=True), "two_phase"),
+    (dict(depth_query_norm=True), "depth_query_norm"),  # normalises the input of a projection that is off
     (dict(residual="mhc", two_phase=True), "two_phase"),
     (dict(residual="prenorm", depth_query_projection=True), "depth_query_projection"),
     (dict(residual="mhc", depth_attention_impl="pallas"), "depth_attention_impl"),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from attnres_jax.residuals.mixing_rules import RULES, ContentLogits, LearnedLogits, mix_sources, source_weights
+from configs.ablations import sliding_window
 from helpers import assert_loss_and_gradients_match, make_model, random_tokens
 from reference import rule_reference_logits
 
@@ -18,6 +19,8 @@ CASES = {
     "multihead": (dict(depth_heads=4), ContentLogits(num_heads=4)),
     "no_key_norm": (dict(depth_key_norm=False), ContentLogits(key_norm=False)),
     "input_dependent_query": (dict(depth_query_projection=True), ContentLogits(query_projection=True)),
+    "input_dependent_query_normalized": (dict(depth_query_projection=True, depth_query_norm=True),
+                                         ContentLogits(query_projection=True, query_norm=True)),
     "learned_logits": (dict(depth_logits="learned"), LearnedLogits()),
     "learned_sigmoid": (dict(depth_logits="learned", depth_normalization="sigmoid"),
                         LearnedLogits(normalization="sigmoid")),
@@ -81,4 +84,17 @@ def test_rule_matches_the_literal_reference_in_value_and_float64_gradient(residu
   with jax.enable_x64(True):
     model = _model(residual, name)
     assert_loss_and_gradients_match(model, random_tokens(length=6), rule_reference_logits, leaf_tolerance=1e-8,
+                                    global_floor=0.0)
+
+
+@pytest.mark.slow
+def test_table4_sliding_window_matches_the_literal_reference():
+  """The Table 4 row as configured (`configs/ablations/sliding_window.py`: W = 8 over 32 sublayers), narrowed: the
+  window slides over 24 sublayers here, where the case above (W = 2 over 4 sublayers) cuts one source at most."""
+  model_config = sliding_window.get_config().model
+  assert (model_config.residual, model_config.depth_window, 2 * model_config.num_layers) == ("full", 8, 32)
+  with jax.enable_x64(True):
+    model = make_model("full", num_layers=model_config.num_layers, depth_window=model_config.depth_window, d_model=8,
+                       num_heads=2, num_kv_heads=2, d_ff=8, query_scale=0.5, dtype="float64", param_dtype="float64")
+    assert_loss_and_gradients_match(model, random_tokens(length=5), rule_reference_logits, leaf_tolerance=1e-8,
                                     global_floor=0.0)

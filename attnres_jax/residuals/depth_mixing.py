@@ -64,7 +64,7 @@ class TwoPhase(NamedTuple):
 def sublayer_query(mixing: Mixing, depth: DepthParams, partial_BxTxD: Array) -> Array:
   """The rule's query from the sublayer's parameters; the newest source (convention, docs/method.md §12.4) is
   the partial sum entering the sublayer, before any seal."""
-  return mixing.rule.sublayer_query(depth.query, depth.projection, partial_BxTxD)
+  return mixing.rule.sublayer_query(depth.query, depth.projection, partial_BxTxD, mixing.eps)
 
 
 def slot_attention(mixing: Mixing, queries_QxD: Array, gains_QxD: Array, sources_NxBxTxD: Array,

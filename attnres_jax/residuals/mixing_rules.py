@@ -11,7 +11,8 @@ apply); other rules mix in jnp (`mix_sources`) on the same scanned loop.
 - `ContentLogits()`: the paper's rule, logits `w_l . RMSNorm(v_i)`, softmax over
   the sources. Its ablations: `key_norm=False` (`k_i = v_i`), `num_heads=H` (a
   separate softmax per channel group of `d / H`), `query_projection=True` (the
-  input-dependent query `q_l = w_l + W_l h`, `h` the newest source),
+  input-dependent query `q_l = w_l + W_l h`, `h` the newest source; with
+  `query_norm=True` our normalised variant `q_l = w_l + W_l RMSNorm(h)`),
   `normalization="sigmoid"` (weights `sigmoid(s_i)`, not normalised).
 - `LearnedLogits()`: input-independent mixing, one learned logit per (sublayer,
   source); with `normalization="none"` DenseFormer's static weights
@@ -86,9 +87,9 @@ class MixingRule(abc.ABC):
   def query_width(self, d_model: int, num_slots: int) -> int:
     """Entries of one sublayer's query parameter."""
 
-  def sublayer_query(self, query: Array, projection: Array | None, newest_BxTxD: Array) -> Array:
+  def sublayer_query(self, query: Array, projection: Array | None, newest_BxTxD: Array, eps: float) -> Array:
     """The query a sublayer mixes with, given its parameters and the newest source."""
-    del projection, newest_BxTxD
+    del projection, newest_BxTxD, eps
     return query
 
   def column_query(self, query: Array, partial_column: Array | None) -> Array:
@@ -122,6 +123,7 @@ class ContentLogits(MixingRule):
   key_norm: bool = True
   num_heads: int = 1
   query_projection: bool = False
+  query_norm: bool = False  # the projection reads RMSNorm(h) (no gain) instead of h (docs/method.md §12.4)
 
   config_name: ClassVar[str] = "content"
 
@@ -129,7 +131,7 @@ class ContentLogits(MixingRule):
   def from_config(cls, model: Mapping[str, Any]) -> "ContentLogits":
     return cls(normalization=model["depth_normalization"], window=model["depth_window"],
                key_norm=model["depth_key_norm"], num_heads=model["depth_heads"],
-               query_projection=model["depth_query_projection"])
+               query_projection=model["depth_query_projection"], query_norm=model["depth_query_norm"])
 
   @property
   def fused(self) -> bool:
@@ -146,12 +148,16 @@ class ContentLogits(MixingRule):
   def query_width(self, d_model: int, num_slots: int) -> int:
     return d_model
 
-  def sublayer_query(self, query: Array, projection: Array | None, newest_BxTxD: Array) -> Array:
-    """`w_l`, or the input-dependent `w_l + W_l h` `[B, T, d]` (docs/method.md §8, §12.4)."""
+  def sublayer_query(self, query: Array, projection: Array | None, newest_BxTxD: Array, eps: float) -> Array:
+    """`w_l`, or the input-dependent `w_l + W_l h` `[B, T, d]`, `h` RMS-normalised with `query_norm`
+    (docs/method.md §8, §12.4)."""
     if projection is None:
       return query
     dtype = compute_dtype(newest_BxTxD.dtype)
-    return query.astype(dtype) + jnp.einsum("btd,de->bte", newest_BxTxD.astype(dtype), projection.astype(dtype),
+    newest = newest_BxTxD.astype(dtype)
+    if self.query_norm:
+      newest = newest * inverse_rms(newest_BxTxD, eps)[..., None]
+    return query.astype(dtype) + jnp.einsum("btd,de->bte", newest, projection.astype(dtype),
                                             precision=jax.lax.Precision.HIGHEST)
 
   def logits(self, sources_SxBxTxD: Array, query_gain: Array, eps: float) -> Array:

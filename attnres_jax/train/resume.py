@@ -48,7 +48,7 @@ DENSE_MOE_FIELDS = {"num_experts": 8, "top_k": 2, "num_shared_experts": 1, "scor
                     "dense_layers": 0, "dense_d_ff": 0, "aux_loss_coef": 1e-3, "z_loss_coef": 0.0,
                     "bias_update_rate": 1e-3}
 ADDED_FIELDS = {"model": {"attention_impl": "xla", "unroll_layers": False, "depth_scan_segments": 1,
-                          "ffn": "swiglu", "moe": DENSE_MOE_FIELDS},
+                          "depth_query_norm": False, "ffn": "swiglu", "moe": DENSE_MOE_FIELDS},
                 "mesh": {"expert": 1},
                 "data": {"tokenizer": "bytes", "bpe_vocab_size": 4096, "document_masking": False},
                 "optim": {"name": "adamw", "muon_momentum": 0.95, "muon_ns_steps": 5, "muon_match_adamw_rms": True},
