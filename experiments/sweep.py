@@ -1,20 +1,21 @@
 """Runs a sweep (named config overrides x seeds) one run after another, and collects its results.
 
 A sweep is a Python file defining `get_sweep() -> Sweep` (see `experiments/sweeps/`).
-Each run trains with `attnres_jax.main` into `<workdir>/<name>/seed<k>`; a run
-that finished has a `result.json` and is skipped, and a killed run resumes from
-its checkpoint, so rerunning a killed sweep picks up where it stopped.
+Each run trains with `attnres_jax.main` into `<workdir>/<name>/seed<k>`, seed by
+seed (every run gets its first seed before any gets a second); a run that
+finished has a `result.json` and is skipped, and a killed run resumes from its
+checkpoint, so rerunning a killed sweep picks up where it stopped.
 
   python -m experiments.sweep --sweep=experiments/sweeps/table4.py --workdir=sweeps/table4
   python -m experiments.sweep --sweep=... --workdir=... --print_commands   # one line per run, for a cluster
   python -m experiments.sweep --sweep=... --workdir=... --collect          # results only
   python -m experiments.sweep --sweep=... --workdir=... --shard=1/2        # every 2nd run from the 2nd: one of 2 workers
 
-Collecting writes `results.csv` (one row per run), `results.md` (mean +- std
-of the final validation loss over seeds, differences paired by seed),
-`results.png` and `curves.png` (validation loss against step) into the workdir;
-`results.csv` has the columns `experiments/fit_scaling.py` reads (variant,
-compute = training FLOPs, loss).
+Collecting writes `results.csv` (one row per run; the columns
+`experiments/fit_scaling.py` reads: variant, compute = training FLOPs, loss) and
+the tables and plots of `experiments/sweep_report.py` into the workdir: the
+final validation metric over seeds, each run's difference to its baseline
+paired by seed, gap curves, and the trend along the sweep's `axis`.
 """
 
 import argparse
@@ -28,32 +29,31 @@ import subprocess
 import sys
 from typing import Any
 
-import matplotlib
+import ml_collections
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
-import numpy as np  # noqa: E402
-import scipy.stats  # noqa: E402
-
-import ml_collections  # noqa: E402
-
-from attnres_jax import cli  # noqa: E402
-from attnres_jax.config_checks import check_run_config  # noqa: E402
-from attnres_jax.train.flops import train_flops_per_token  # noqa: E402
-from attnres_jax.train.metrics import read_metrics  # noqa: E402
+from attnres_jax import cli
+from attnres_jax.config_checks import check_run_config
+from attnres_jax.train.flops import train_flops_per_token
+from attnres_jax.train.metrics import read_metrics
+from experiments.sweep_report import Report
 
 RESULT = "result.json"
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """One named configuration: a config file (`path` or `path:arg`), dotted overrides of its fields, and the
-  variant it belongs to in a scaling fit (default: its name)."""
+  """One named configuration: a config file (`path` or `path:arg`), dotted overrides of its fields, the variant
+  it belongs to in a scaling fit or a trend (default: its name), its own seeds (default: the sweep's), the run it
+  is compared with, paired by seed (default: the sweep's first; itself: none), and its position on the sweep's
+  `axis`."""
 
   name: str
   config: str
   overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
   variant: str = ""
+  seeds: tuple[int, ...] = ()
+  baseline: str = ""
+  axis_value: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +61,8 @@ class Sweep:
   runs: tuple[Run, ...]
   seeds: tuple[int, ...] = (0,)
   common: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides of every run (applied first)
-  compare: bool = True  # results.md compares every run with the first, paired by seed
+  compare: bool = True  # results.md compares every run with its baseline, paired by seed
+  axis: str = ""  # what the runs' `axis_value` is (e.g. "sublayers"): trend.md / trend.png against it
 
 
 def load_sweep(path: str) -> Sweep:
@@ -72,7 +73,15 @@ def load_sweep(path: str) -> Sweep:
   names = [run.name for run in sweep.runs]
   if len(set(names)) != len(names):
     raise ValueError(f"{path}: run names must be unique, got {names}")
+  for run in sweep.runs:
+    if run.baseline and run.baseline not in names:
+      raise ValueError(f"{path}: run {run.name}: baseline {run.baseline!r} is not a run of the sweep")
   return sweep
+
+
+def baseline_of(sweep: Sweep, run: Run) -> Run:
+  """The run `run` is compared with: its `baseline`, else the sweep's first run."""
+  return next(other for other in sweep.runs if other.name == (run.baseline or sweep.runs[0].name))
 
 
 def _import_file(path: str, name: str):
@@ -107,12 +116,11 @@ def run_config(sweep: Sweep, run: Run, seed: int) -> ml_collections.ConfigDict:
 
 def check_runs(sweep: Sweep) -> None:
   """Every run's config is valid before anything trains (a typo fails the sweep at once, not hours in)."""
-  for run in sweep.runs:
-    for seed in sweep.seeds:
-      try:
-        check_run_config(run_config(sweep, run, seed))
-      except (ValueError, FileNotFoundError, TypeError) as error:
-        raise SystemExit(f"error: run {run.name} seed {seed}: {error}") from error
+  for run, seed in runs_and_seeds(sweep):
+    try:
+      check_run_config(run_config(sweep, run, seed))
+    except (ValueError, FileNotFoundError, TypeError) as error:
+      raise SystemExit(f"error: run {run.name} seed {seed}: {error}") from error
 
 
 def run_dir(root: str, run: Run, seed: int) -> str:
@@ -134,8 +142,11 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def runs_and_seeds(sweep: Sweep, shard: tuple[int, int] = (0, 1)) -> list[tuple[Run, int]]:
-  """The sweep's (run, seed) pairs in order, every n-th one from the i-th for shard (i, n)."""
-  pairs = [(run, seed) for run in sweep.runs for seed in sweep.seeds]
+  """The sweep's (run, seed) pairs, seed by seed (every run has its first seed before any has its second), every
+  n-th one from the i-th for shard (i, n)."""
+  seeds_of = lambda run: run.seeds or sweep.seeds
+  pairs = [(run, seed) for seed in sorted({s for run in sweep.runs for s in seeds_of(run)}) for run in sweep.runs
+           if seed in seeds_of(run)]
   return pairs[shard[0]::shard[1]]
 
 
@@ -171,43 +182,9 @@ def execute(sweep: Sweep, root: str, shard: tuple[int, int] = (0, 1)) -> None:
     os.replace(os.path.join(workdir, RESULT + ".tmp"), os.path.join(workdir, RESULT))
 
 
-def _std(values: list[float]) -> float:
-  return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-
-def _paired_cells(losses: dict[int, float], reference: dict[int, float]) -> list[str]:
-  """Mean difference to the reference over their common seeds +- its standard error, in how many seeds it is
-  lower, and the paired t-test p."""
-  common = sorted(set(losses) & set(reference))
-  if not common:
-    return ["", "", ""]
-  differences = [losses[seed] - reference[seed] for seed in common]
-  p_value = "-"
-  if len(common) > 1:
-    p_value = f"{scipy.stats.ttest_rel([losses[s] for s in common], [reference[s] for s in common]).pvalue:.3f}"
-  return [f"{np.mean(differences):+.4f} +- {_std(differences) / np.sqrt(len(common)):.4f}",
-          f"{sum(d < 0 for d in differences)}/{len(common)}", p_value]
-
-
-def seed_table(summary: list[tuple[str, dict[int, float]]], compare: bool = True) -> str:
-  """A markdown table of each run's final validation loss (mean +- std over seeds) and, if `compare`, its
-  difference to the first run paired by seed (a seed fixes init and data order, so pairing removes that noise)."""
-  reference_name, reference = summary[0]
-  lines = ["| run | seeds | validation loss (mean +- std) |", "|---|---|---|"]
-  if compare:
-    lines = [lines[0] + f" - {reference_name}, paired (mean +- s.e.) | seeds below {reference_name} | p (paired t) |",
-             lines[1] + "---|---|---|"]
-  for name, losses in summary:
-    values = list(losses.values())
-    cells = [name, str(len(values)), f"{np.mean(values):.4f} +- {_std(values):.4f}"]
-    if compare:
-      cells += ["", "", ""] if name == reference_name else _paired_cells(losses, reference)
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
-
-
 def collect(sweep: Sweep, root: str) -> list[dict]:
-  """Writes results.csv, results.md, results.png and curves.png from the finished runs; returns the CSV rows."""
+  """Writes results.csv and the tables and plots of `experiments/sweep_report.py` from the finished runs;
+  returns the CSV rows."""
   finished = [(run, seed) for run, seed in runs_and_seeds(sweep)
               if os.path.exists(os.path.join(run_dir(root, run, seed), RESULT))]
   if not finished:
@@ -220,51 +197,9 @@ def collect(sweep: Sweep, root: str) -> list[dict]:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-  summary = [(run.name, {r["seed"]: r["loss"] for r in rows if r["name"] == run.name}) for run in sweep.runs]
-  summary = [(name, losses) for name, losses in summary if losses]
-  with open(os.path.join(root, "results.md"), "w", encoding="utf-8") as f:
-    f.write(seed_table(summary, sweep.compare))
-  _plot_final_losses(summary, root)
-  _plot_validation_curves(sweep, finished, root)
+  workdirs = {(run.name, seed): run_dir(root, run, seed) for run, seed in finished}
+  Report(sweep, root, rows, workdirs, {run.name: baseline_of(sweep, run).name for run in sweep.runs}).write()
   return rows
-
-
-def _plot_final_losses(summary: list[tuple[str, dict[int, float]]], root: str) -> None:
-  figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(summary) + 2), 4.5))
-  means = [np.mean(list(losses.values())) for _, losses in summary]
-  errors = [_std(list(losses.values())) for _, losses in summary]
-  axis.errorbar(np.arange(len(summary)), means, yerr=errors, fmt="o", capsize=4)
-  axis.set_xticks(np.arange(len(summary)), [name for name, _ in summary], rotation=45, ha="right")
-  axis.set_ylabel("final validation loss (nats)")
-  axis.set_title(os.path.basename(os.path.abspath(root)))
-  axis.grid(alpha=0.3)
-  figure.tight_layout()
-  figure.savefig(os.path.join(root, "results.png"), dpi=110)
-  plt.close(figure)
-
-
-def _plot_validation_curves(sweep: Sweep, finished: list[tuple[Run, int]], root: str) -> None:
-  """Validation loss against step per run: the mean over its finished seeds, with a +- std band."""
-  figure, axis = plt.subplots(figsize=(7, 4.5))
-  for run in sweep.runs:
-    curves = [{r["step"]: r["loss"] for r in read_metrics(run_dir(root, run, seed)) if r["split"] == "eval"}
-              for finished_run, seed in finished if finished_run == run]
-    steps = sorted(set.intersection(*(set(curve) for curve in curves))) if curves else []
-    if not steps:
-      continue
-    losses = np.array([[curve[step] for step in steps] for curve in curves])
-    spread = losses.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros(len(steps))
-    line, = axis.plot(steps, losses.mean(axis=0), "o-", markersize=3, label=f"{run.name} ({len(curves)} seeds)")
-    axis.fill_between(steps, losses.mean(axis=0) - spread, losses.mean(axis=0) + spread, color=line.get_color(),
-                      alpha=0.2)
-  axis.set_xlabel("step")
-  axis.set_ylabel("validation loss (nats)")
-  axis.set_title(os.path.basename(os.path.abspath(root)))
-  axis.grid(alpha=0.3)
-  axis.legend(fontsize="small", ncol=2)
-  figure.tight_layout()
-  figure.savefig(os.path.join(root, "curves.png"), dpi=110)
-  plt.close(figure)
 
 
 def main(argv: list[str] | None = None) -> None:
