@@ -9,7 +9,7 @@ checkpoint, so rerunning a killed sweep picks up where it stopped.
   python -m experiments.sweep --sweep=experiments/sweeps/table4.py --workdir=sweeps/table4
   python -m experiments.sweep --sweep=... --workdir=... --print_commands   # one line per run, for a cluster
   python -m experiments.sweep --sweep=... --workdir=... --collect          # results only
-  python -m experiments.sweep --sweep=... --workdir=... --shard=1/2        # every 2nd run from the 2nd: one of 2 workers
+  python -m experiments.sweep --sweep=... --workdir=... --shard=1/2   # every 2nd run from the 2nd: one of 2 workers
 
 Collecting writes `results.csv` (one row per run; the columns
 `experiments/fit_scaling.py` reads: variant, compute = training FLOPs, loss) and

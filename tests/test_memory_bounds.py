@@ -13,9 +13,9 @@ next-token loss satisfy
   buffer's cotangent carried by the reverse scan, and the two token-major
   copies XLA makes of a buffer for the weighted sum's dot (`[M, N, d]`, and
   `[M, d, N]` for its transpose in the backward), and half a buffer of slack.
-  Measured: 2.6 buffers for Block, 3.1 for Full (4.05 with jax 0.12). A step that reads the buffer it has just written in place
-  makes XLA copy it again: Full, sealing before its second sublayer's mix,
-  took 5.4.
+  Measured: 2.6 buffers for Block, 3.1 for Full (4.05 with jax 0.12). A step
+  that reads the buffer it has just written in place makes XLA copy it again:
+  Full, sealing before its second sublayer's mix, took 5.4.
 """
 
 import jax

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from experiments import paired_stats
 from experiments import sweep as sweep_runner
 from experiments.sweep_report import seed_table
 from helpers import REPO
@@ -62,7 +63,8 @@ def test_smoke_sweep_runs_resumes_and_collects(tmp_path, capsys, monkeypatch):
   assert out.count("finished, skipped") == 1 and "prenorm seed 1: " in out
 
 
-@pytest.mark.parametrize("name", ["table4", "fig6_block_size", "prenorm_full_block", "scaling", "depth"])
+@pytest.mark.parametrize("name", [
+    "table4", "fig6_block_size", "prenorm_full_block", "scaling", "depth", "learning_rate", "window_and_query"])
 def test_shipped_sweeps_load_with_valid_configs(name, capsys, monkeypatch):
   monkeypatch.chdir(REPO)
   sweep = sweep_runner.load_sweep(os.path.join(REPO, "experiments", "sweeps", f"{name}.py"))
@@ -109,7 +111,7 @@ def _fake_finished_run(workdir, seed, bits_per_byte_by_step):
                "bits_per_byte": bits_per_byte_by_step[final_step], "tokens": 64 * final_step, "compute": 1.0}, f)
 
 
-def test_runs_are_paired_with_their_own_baselines_along_the_axis(tmp_path):
+def test_runs_are_paired_with_their_own_baselines_along_the_axis(tmp_path, capsys):
   Run, Sweep = sweep_runner.Run, sweep_runner.Sweep
   runs = (Run("base_L8", "c.py", axis_value=8),
           Run("attn_L8", "c.py", variant="attn", baseline="base_L8", axis_value=8),
@@ -135,6 +137,9 @@ def test_runs_are_paired_with_their_own_baselines_along_the_axis(tmp_path):
   assert "validation bits per byte" in table and "| base_L16 | 3 | 1.1333 +- 0.1528 |  |" in table
   for plot in ("results.png", "curves.png", "gaps.png", "trend.png"):
     assert os.path.getsize(tmp_path / plot) > 10_000, plot
+  paired_stats.main([f"--csv={tmp_path / 'results.csv'}", "--run=attn_L16", "--baseline=base_L16"])
+  assert capsys.readouterr().out == (f"attn_L16 - base_L16 (bits_per_byte, 3 seeds): {differences.mean():+.4f} +- "
+                                     f"{stderr:.4f}, below in 3/3, p = {p_value:.3f}\n")
 
 
 @pytest.mark.parametrize("shard", ["2/2", "1", "a/2", "-1/2"])
