@@ -9,6 +9,10 @@ at `--step` (default: each run's latest record) and writes, into `--out`
 - `grad_norm_vs_depth.png`: the gradient norm of every sublayer's weights;
 - `depth_weights_<run>.png` for each AttnRes run: token-averaged depth weights,
   target sublayer x source, pre-attention and pre-MLP side by side.
+
+`--window_share=W` also prints, for each Full AttnRes run, how much depth weight
+goes to the outputs a window of the `W` newest (the Table 4 sliding window,
+docs/method.md §12.7) would hide: the embedding and the `W` newest stay visible.
 """
 
 import argparse
@@ -95,6 +99,27 @@ def plot_depth_weights(run: dict, path: str) -> None:
   plt.close(figure)
 
 
+def beyond_window_share(run: dict, window: int) -> np.ndarray:
+  """Full AttnRes: per mixture (every sublayer's input, then the output) the token-averaged weight on outputs
+  older than the `window` newest, the embedding excluded (what the depth window would hide)."""
+  if run["model"]["residual"] != "full":
+    raise ValueError(f"{run['name']}: --window_share needs a Full AttnRes run, not {run['model']['residual']}")
+  rows = list(run["record"]["depth_weights"]) + [run["record"]["output_depth_weights"]]
+  # mixture t sees the embedding (column 0) and the outputs 1 .. t; the window keeps t - window + 1 .. t
+  return np.array([float(np.sum(weights[1:max(1, t + 1 - window)])) for t, weights in enumerate(rows)])
+
+
+def window_share_table(runs: list[dict], window: int) -> str:
+  lines = [f"| run | step | weight beyond the {window} newest outputs: mean over the sublayers that have such "
+           f"outputs | max | output mixture |", "|---|---|---|---|---|"]
+  for run in runs:
+    share = beyond_window_share(run, window)
+    hidden = share[window + 1:-1]  # the sublayers with an output older than the window
+    lines.append(f"| {run['name']} | {run['record']['step']} | {hidden.mean():.3f} | {hidden.max():.3f} | "
+                 f"{share[-1]:.3f} |")
+  return "\n".join(lines) + "\n"
+
+
 def plot_runs(workdirs: list[str], out: str, step: int | None = None) -> list[str]:
   """Writes the figures for `workdirs` into `out`; returns their paths."""
   runs = [load_run(workdir, name, step) for workdir, name in zip(workdirs, run_names(workdirs))]
@@ -116,10 +141,16 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--compare", action="append", default=[], help="more workdirs drawn on the same figures")
   parser.add_argument("--out", default="", help="output directory (default: <workdir>/plots)")
   parser.add_argument("--step", type=int, default=None, help="the logged step to draw (default: each run's latest)")
+  parser.add_argument("--window_share", type=int, default=0,
+                      help="W > 0: print the depth weight Full AttnRes runs give outputs older than the W newest")
   args = parser.parse_args(argv)
   out = args.out or os.path.join(args.workdir, "plots")
-  for path in plot_runs([args.workdir] + args.compare, out, args.step):
+  workdirs = [args.workdir] + args.compare
+  for path in plot_runs(workdirs, out, args.step):
     print(path)
+  if args.window_share:
+    print(window_share_table([load_run(w, n, args.step) for w, n in zip(workdirs, run_names(workdirs))],
+                             args.window_share))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
+from attnres_jax.residuals.mixing_rules import ContentLogits
 from attnres_jax.train.dynamics import make_dynamics_step, read_dynamics
 from attnres_jax.train.loss import next_token_loss
 from attnres_jax.train.metrics import open_jsonl
@@ -76,3 +77,20 @@ def test_plotted_runs_are_named_by_the_path_parts_that_tell_them_apart():
   assert plot_dynamics.run_names(["/a/x/seed0", "/b/x/seed0"]) == ["a_x_seed0", "b_x_seed0"]
   with pytest.raises(ValueError, match="twice"):
     plot_dynamics.run_names(["w/full", "w/full/"])
+
+
+def test_beyond_window_share_is_the_weight_the_models_own_window_hides():
+  """`plot_dynamics --window_share` sums the weights the rule's window (`MixingRule.visible`) would hide."""
+  num_sublayers, window = 7, 3
+  rows = np.random.default_rng(0).dirichlet(np.ones(num_sublayers + 1), size=num_sublayers + 1)
+  rows = np.tril(rows)  # mixture t (the output: t = 7) sees the embedding and the outputs 1 .. t
+  run = {"name": "full", "model": {"residual": "full"},
+         "record": {"depth_weights": rows[:-1], "output_depth_weights": rows[-1]}}
+  share = plot_dynamics.beyond_window_share(run, window)
+  for t, weights in enumerate(rows):  # as if every source were a sealed slot (the window counts ages alike)
+    hidden = (np.asarray(ContentLogits().visible(num_sublayers + 1, t + 1, False))
+              & ~np.asarray(ContentLogits(window=window).visible(num_sublayers + 1, t + 1, False)))[:-1]
+    np.testing.assert_allclose(share[t], weights[hidden].sum(), rtol=1e-12)
+  assert share[window] == 0 and share[-1] > 0
+  with pytest.raises(ValueError, match="Full AttnRes"):
+    plot_dynamics.beyond_window_share({**run, "model": {"residual": "block"}}, window)
