@@ -28,7 +28,7 @@ setup(
         "zstandard>=0.23",
     ],
     extras_require={
-        "dev": ["pytest>=8", "jax[tpu]>=0.10.2,<0.13"],  # libtpu: the tests compile for TPU slices ahead of time
+        "dev": ["pytest>=8", "pytest-xdist>=3", "jax[tpu]>=0.10.2,<0.13"],  # libtpu: the tests compile for TPU slices ahead of time
         "cuda": ["jax[cuda12]>=0.10.2,<0.13"],
         "tpu": ["jax[tpu]>=0.10.2,<0.13"],
     },

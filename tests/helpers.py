@@ -40,6 +40,18 @@ def make_model(residual: str = "block", seed: int = 0, random_queries: bool = Tr
   return model
 
 
+def move_ablation_params_off_init(model, projection_scale: float):
+  """After `make_model`: raw (DenseFormer) weights around their init of 1, not cancelling sums, and a random
+  input-dependent query projection of `projection_scale`, so that the ablations' own parameters are checked."""
+  if model.mixing.rule.normalization == "none":
+    for weights in (model.depth.pseudo_query, model.depth.output_query):
+      weights[...] = weights[...] + 1.0
+  if model.depth.query_projection is not None:
+    shape = model.depth.query_projection[...].shape
+    model.depth.query_projection[...] = projection_scale * jax.random.normal(jax.random.key(7), shape)
+  return model
+
+
 def assert_loss_and_gradients_match(model, tokens_BxT1, reference_logits_fn, leaf_tolerance=1e-4,
                                     global_floor=1e-5):
   """The model's loss and gradients (jitted, custom VJPs) equal autodiff through `reference_logits_fn(model, x)`.

@@ -14,7 +14,8 @@ from attnres_jax import depth_attention
 from attnres_jax.residuals.depth_mixing import DepthParams, Mixing, sublayer_query
 from attnres_jax.residuals.mixing_rules import ContentLogits, LearnedLogits, mix_sources, source_weights
 from attnres_jax.train.loss import next_token_loss
-from helpers import REPO, VOCAB, assert_loss_and_gradients_match, make_model, max_rel_error, random_tokens
+from helpers import (REPO, VOCAB, assert_loss_and_gradients_match, make_model, max_rel_error,
+                     move_ablation_params_off_init, random_tokens)
 from reference import full_reference_logits
 
 ABLATIONS = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs", "ablations"))
@@ -84,13 +85,7 @@ FULL_VARIANTS = {
 def full_variant(name, **overrides):
   """A tiny Full AttnRes model of the variant, with random queries / logits / weights and query projection."""
   model = make_model("full", query_scale=0.3, **FULL_VARIANTS[name], **overrides)
-  if model.mixing.rule.normalization == "none":  # raw weights near their init of 1, not cancelling sums
-    for weights in (model.depth.pseudo_query, model.depth.output_query):
-      weights[...] = weights[...] + 1.0
-  if model.depth.query_projection is not None:
-    shape = model.depth.query_projection[...].shape
-    model.depth.query_projection[...] = 0.1 * jax.random.normal(jax.random.key(7), shape)
-  return model
+  return move_ablation_params_off_init(model, projection_scale=0.1)
 
 
 @pytest.mark.parametrize("name", FULL_VARIANTS)

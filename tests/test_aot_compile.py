@@ -67,6 +67,7 @@ def buffer_config(residual: str):
   return aot_compile.variant_config(config, residual)
 
 
+@pytest.mark.slow
 def test_tpu_temp_memory_is_the_buffer_and_its_cotangent(chips):
   """Compiled for TPU, Block and Full AttnRes take at most 2.75 bf16 source buffers `[N, B, T, d]` of temp
   memory more than PreNorm: the final buffer the backward reads, its cotangent, and slack (measured 2.45 for

@@ -9,7 +9,7 @@ import pytest
 
 from attnres_jax.residuals.mixing_rules import RULES, ContentLogits, LearnedLogits, mix_sources, source_weights
 from configs.ablations import sliding_window
-from helpers import assert_loss_and_gradients_match, make_model, random_tokens
+from helpers import assert_loss_and_gradients_match, make_model, move_ablation_params_off_init, random_tokens
 from reference import rule_reference_logits
 
 # Every registered rule with each of its options, as the model's config fields select it.
@@ -62,13 +62,7 @@ def _model(residual, name):
   model = make_model(residual, num_layers=2, d_model=16, num_heads=2, num_kv_heads=2, d_ff=24, block_size=3,
                      query_scale=0.5, dtype="float64", param_dtype="float64", **overrides)
   assert model.mixing.rule == CASES[name][1]
-  if model.mixing.rule.normalization == "none":  # raw weights near their init of 1
-    for weights in (model.depth.pseudo_query, model.depth.output_query):
-      weights[...] = weights[...] + 1.0
-  if model.depth.query_projection is not None:
-    shape = model.depth.query_projection[...].shape
-    model.depth.query_projection[...] = 0.2 * jax.random.normal(jax.random.key(7), shape)
-  return model
+  return move_ablation_params_off_init(model, projection_scale=0.2)
 
 
 @pytest.mark.parametrize("residual,name", [

@@ -115,6 +115,7 @@ def test_paper_moe_sizes_are_valid_and_keep_the_dense_active_width(size):
   assert dense.d_ff <= active < dense.d_ff + 7 * 128 and config.model.d_ff % 128 == 0
 
 
+@pytest.mark.slow
 def test_the_cpu_moe_config_trains_and_logs_expert_load(tmp_path):
   """configs/moe.py, shortened to 30 steps of shorter windows."""
   workdir = str(tmp_path / "moe")

@@ -259,6 +259,7 @@ def test_two_processes_of_four_devices_give_the_loss_and_gradients_of_one_device
   assert_gradients_match(got, want, context="2 processes x 4 devices")
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
   """The train command under jax.distributed on localhost, two processes of one CPU device each, data-parallel
   over both, logs the losses and gradient norms of one process and saves the same checkpoint steps."""

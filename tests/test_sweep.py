@@ -64,7 +64,8 @@ def test_smoke_sweep_runs_resumes_and_collects(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("name", [
-    "table4", "fig6_block_size", "prenorm_full_block", "scaling", "depth", "learning_rate", "window_and_query"])
+    "table4", "fig6_block_size", "prenorm_full_block", "scaling", "depth", "learning_rate", "window_and_query",
+    "training_length"])
 def test_shipped_sweeps_load_with_valid_configs(name, capsys, monkeypatch):
   monkeypatch.chdir(REPO)
   sweep = sweep_runner.load_sweep(os.path.join(REPO, "experiments", "sweeps", f"{name}.py"))
