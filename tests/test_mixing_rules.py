@@ -90,5 +90,6 @@ def test_table4_sliding_window_matches_the_literal_reference():
   with jax.enable_x64(True):
     model = make_model("full", num_layers=model_config.num_layers, depth_window=model_config.depth_window, d_model=8,
                        num_heads=2, num_kv_heads=2, d_ff=8, query_scale=0.5, dtype="float64", param_dtype="float64")
+    # float64 rounding over 32 sublayers: up to 5e-14 in leaves whose largest entry is 1e-6 (jax 0.12)
     assert_loss_and_gradients_match(model, random_tokens(length=5), rule_reference_logits, leaf_tolerance=1e-8,
-                                    global_floor=0.0)
+                                    global_floor=1e-12)
