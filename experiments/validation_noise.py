@@ -37,11 +37,16 @@ def batch_losses(workdir: str, eval_batches: int = 0) -> tuple[np.ndarray, dict]
   return np.array([float(loss(model, batch)) for batch in batches]), splits.metadata
 
 
+def _reporting_unit(metadata: dict) -> tuple[float, str]:
+  """(factor from nats, unit): bits per byte where the corpus records its bytes, else nats."""
+  to_bpb = bits_per_byte(1.0, metadata)
+  return (to_bpb, "bits per byte") if to_bpb is not None else (1.0, "nats")
+
+
 def noise_table(workdirs: list[str], eval_batches: int = 0) -> str:
   """Markdown: per run its validation metric +- s.e. over batches, and its batch-paired difference to the first."""
   losses, metadata = zip(*(batch_losses(workdir, eval_batches) for workdir in workdirs))
-  to_bpb = bits_per_byte(1.0, metadata[0])  # bits per byte per nat, where the corpus records its bytes
-  scale, unit = (to_bpb, "bits per byte") if to_bpb is not None else (1.0, "nats")
+  scale, unit = _reporting_unit(metadata[0])
   stderr = lambda x: float(np.std(x, ddof=1) / np.sqrt(len(x)))
   lines = [f"| run | batches | validation {unit} (+- s.e. over batches) | - first, paired by batch (+- s.e.) |",
            "|---|---|---|---|"]
@@ -65,8 +70,7 @@ def seed_averaged_difference(sweep_dir: str, run: str, baseline: str, eval_batch
   for seed in seeds:
     run_losses, metadata = batch_losses(os.path.join(sweep_dir, run, seed), eval_batches)
     differences.append(run_losses - batch_losses(os.path.join(sweep_dir, baseline, seed), eval_batches)[0])
-  to_bpb = bits_per_byte(1.0, metadata)
-  scale, unit = (to_bpb, "bits per byte") if to_bpb is not None else (1.0, "nats")
+  scale, unit = _reporting_unit(metadata)
   per_batch = scale * np.mean(differences, axis=0)
   return (f"{run} - {baseline} ({unit}, {len(seeds)} seeds, {len(per_batch)} batches): {per_batch.mean():+.4f}, "
           f"validation s.e. {np.std(per_batch, ddof=1) / np.sqrt(len(per_batch)):.4f}")
